@@ -1,0 +1,1 @@
+"""devices — see README.md; built in later issues."""

@@ -1,0 +1,281 @@
+"""Weight sources: lazy, per-tensor access to Hugging Face safetensors (single or sharded) and GGUF files.
+
+Every source exposes checkpoint tensors under Hugging Face names, so the model, the exporters and the reports all
+speak one naming. Nothing here reads a whole checkpoint into memory: safetensors are memory-mapped and GGUF tensors
+are dequantized one at a time (a stacked GGUF expert tensor one expert at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from .config import ModelArgs
+from .errors import CheckpointError
+
+
+class WeightSource(Protocol):
+    path: Path
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+# ---- the tensors a config needs -------------------------------------------------------------------------------
+def expected_tensors(cfg: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor name -> shape for every tensor a checkpoint of `cfg` must hold."""
+    h, hd, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    t: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                  p + "self_attn.q_proj.weight": (nq * hd, h), p + "self_attn.q_proj.bias": (nq * hd,),
+                  p + "self_attn.k_proj.weight": (nkv * hd, h), p + "self_attn.k_proj.bias": (nkv * hd,),
+                  p + "self_attn.v_proj.weight": (nkv * hd, h), p + "self_attn.v_proj.bias": (nkv * hd,),
+                  p + "self_attn.o_proj.weight": (h, nq * hd)})
+        if cfg.is_sparse_layer(i):
+            m, si = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+            t[p + "mlp.gate.weight"] = (cfg.num_experts, h)
+            for e in range(cfg.num_experts):
+                q = f"{p}mlp.experts.{e}."
+                t.update({q + "gate_proj.weight": (m, h), q + "up_proj.weight": (m, h), q + "down_proj.weight": (h, m)})
+            t.update({p + "mlp.shared_expert.gate_proj.weight": (si, h), p + "mlp.shared_expert.up_proj.weight": (si, h),
+                      p + "mlp.shared_expert.down_proj.weight": (h, si), p + "mlp.shared_expert_gate.weight": (1, h)})
+        else:
+            f = cfg.intermediate_size
+            t.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                      p + "mlp.down_proj.weight": (h, f)})
+    return t
+
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def param_slot(name: str) -> tuple[str, int | None]:
+    """Checkpoint name -> (model parameter name, index into its stacked first dim or None)."""
+    m = _EXPERT.match(name)
+    if m:
+        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    return name, None
+
+
+def validate(source: WeightSource, cfg: ModelArgs) -> list[str]:
+    """Check names and shapes against `cfg`; returns the names to load (a tied checkpoint's stray head is skipped)."""
+    want = expected_tensors(cfg)
+    have = set(source.names())
+    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = [n for n in want if n not in have]
+    unexpected = sorted(n for n in have - set(want) - skip if not n.endswith("rotary_emb.inv_freq"))
+    where = source.path
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing tensor {missing[0]}{more}: expected shape {list(want[missing[0]])} "
+                              f"for this config")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]}{more}: not part of a "
+                              f"{cfg.model_type} model with {cfg.num_hidden_layers} layers")
+    for n, shape in want.items():
+        found = tuple(source.shape(n))
+        if found != shape:
+            raise CheckpointError(f"{where}: tensor {n} has shape {list(found)}, expected {list(shape)}")
+    return list(want)
+
+
+# ---- safetensors ------------------------------------------------------------------------------------------------
+class SafetensorsSource:
+    """A single `model.safetensors`, a sharded folder (`model.safetensors.index.json`), or one `.safetensors` file."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._open = safe_open
+        if self.path.is_file():
+            files = {self.path}
+            self._where: dict[str, Path] = {}
+        else:
+            index = self.path / "model.safetensors.index.json"
+            single = self.path / "model.safetensors"
+            if index.exists():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+                self._where = {n: self.path / f for n, f in weight_map.items()}
+                files = set(self._where.values())
+            elif single.exists():
+                files, self._where = {single}, {}
+            else:
+                found = sorted(p.name for p in self.path.glob("*.safetensors"))
+                if not found:
+                    raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+                files, self._where = {self.path / f for f in found}, {}
+        self._handles = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for f in sorted(files):
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard named in the index is missing")
+            h = self._handle(f)
+            for n in h.keys():
+                if self._where.get(n, f) != f:
+                    continue
+                self._where[n] = f
+                self._shapes[n] = tuple(h.get_slice(n).get_shape())
+        for n, f in self._where.items():
+            if n not in self._shapes:
+                raise CheckpointError(f"{f}: tensor {n} is listed in the index but not stored in the shard")
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = self._open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers / truncation
+                raise CheckpointError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        return self._handles[f]
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._where[name]
+        try:
+            return self._handle(f).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
+
+
+# ---- GGUF -------------------------------------------------------------------------------------------------------
+_GGUF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight", "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+}
+_GGUF_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                 "ffn_down_exps.weight": "down_proj"}
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+def gguf_to_hf(name: str) -> str | None:
+    """GGUF tensor name -> Hugging Face name (None for a stacked expert tensor, which maps to many)."""
+    if name in _GGUF_TOP:
+        return _GGUF_TOP[name]
+    m = re.match(r"^blk\.(\d+)\.(.+)$", name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
+    return None
+
+
+class GGUFSource:
+    """A GGUF file read with llama.cpp's `gguf` package; tensors dequantized to fp32 on demand."""
+
+    def __init__(self, path: Path):
+        import gguf
+
+        self.path = Path(path)
+        self._gguf = gguf
+        try:
+            with open(self.path, "rb") as fh:
+                magic = fh.read(4)
+            if magic != b"GGUF":
+                raise CheckpointError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+            self.reader = gguf.GGUFReader(str(self.path))
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated files surface as numpy / struct errors from the reader
+            raise CheckpointError(f"{self.path}: cannot read GGUF file, truncated or corrupt ({e})") from None
+        self._index: dict[str, tuple[object, int | None]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for t in self.reader.tensors:
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml order -> row-major
+            hf = gguf_to_hf(t.name)
+            m = re.match(r"^blk\.(\d+)\.(.+)$", t.name)
+            if hf is not None:
+                if hf.endswith("shared_expert_gate.weight") and len(shape) == 1:
+                    shape = (1, shape[0])
+                self._index[hf], self._shapes[hf] = (t, None), shape
+            elif m and m.group(2) in _GGUF_EXPERTS:
+                for e in range(shape[0]):
+                    n = f"model.layers.{m.group(1)}.mlp.experts.{e}.{_GGUF_EXPERTS[m.group(2)]}.weight"
+                    self._index[n], self._shapes[n] = (t, e), shape[1:]
+            else:
+                self._index[t.name], self._shapes[t.name] = (t, None), shape  # reported as unexpected
+
+    def metadata(self) -> dict[str, object]:
+        """Scalar and string key/values (token arrays are left out; see `field`)."""
+        out = {}
+        for k, f in self.reader.fields.items():
+            if k.startswith("tokenizer.ggml.") and k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                                          "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+                continue
+            try:
+                out[k] = f.contents()
+            except Exception:
+                continue
+        return out
+
+    def field(self, key: str):
+        f = self.reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def tensor_type(self, name: str) -> str:
+        return self._index[name][0].tensor_type.name
+
+    def get(self, name: str) -> torch.Tensor:
+        t, expert = self._index[name]
+        data = t.data if expert is None else t.data[expert]
+        try:
+            arr = self._gguf.quants.dequantize(np.asarray(data), t.tensor_type)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(self._shapes[name])
+        if not arr.flags.writeable:  # an F32 tensor comes back as a view of the read-only memory map
+            arr = arr.copy()
+        return torch.from_numpy(arr)
+
+
+# ---- filling a model --------------------------------------------------------------------------------------------
+def iter_validated(source: WeightSource, cfg: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every tensor of `cfg`, after checking the whole checkpoint's names and shapes."""
+    for n in validate(source, cfg):
+        yield n, source.get(n)
+
+
+def load_into(model: torch.nn.Module, source: WeightSource, cfg: ModelArgs, progress: bool = True) -> None:
+    """Copy every checkpoint tensor into `model` (converted to the model's dtype), one tensor at a time."""
+    from .progress import track
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = validate(source, cfg)
+    it = track(names, f"loading {source.path.name}") if progress else names
+    with torch.no_grad():
+        for n in it:
+            pname, idx = param_slot(n)
+            dst = params[pname] if idx is None else params[pname][idx]
+            dst.copy_(source.get(n).to(dst.dtype))
