@@ -49,7 +49,9 @@ def empty_model(cfg: ModelArgs, dtype: torch.dtype = torch.float32) -> Qwen2ForC
     """Allocated but uninitialized (no time spent on random init that loading overwrites)."""
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg)
-    return model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.tie_weights()
+    return model
 
 
 def random_model(cfg: ModelArgs, dtype: torch.dtype = torch.float32, seed: int = 0) -> Qwen2ForCausalLM:

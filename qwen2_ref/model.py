@@ -171,9 +171,13 @@ class Qwen2ForCausalLM(nn.Module):
         self.config = cfg
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self._inv_freq, self._rope_scale = rope.inv_freq_and_scale(cfg)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config ties them (again after `to_empty`, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def empty_past(self, batch: int) -> tuple[KV, ...]:
         cfg, p = self.config, next(self.parameters())
