@@ -186,6 +186,9 @@ def gguf_to_hf(name: str) -> str | None:
     return None
 
 
+_GGUF_ROWS = 4096
+
+
 class GGUFSource:
     """A GGUF file read with llama.cpp's `gguf` package; tensors dequantized to fp32 on demand."""
 
@@ -249,15 +252,18 @@ class GGUFSource:
 
     def get(self, name: str) -> torch.Tensor:
         t, expert = self._index[name]
-        data = t.data if expert is None else t.data[expert]
+        data = np.asarray(t.data if expert is None else t.data[expert])
+        shape = self._shapes[name]
+        out = np.empty(shape, dtype=np.float32)
+        rows = out.reshape(-1, shape[-1]) if len(shape) > 1 else out.reshape(1, -1)
+        src = data.reshape(rows.shape[0], -1)
         try:
-            arr = self._gguf.quants.dequantize(np.asarray(data), t.tensor_type)
+            # Row blocks keep the dequantizer's temporaries small (a 151936-row embedding would need ~2 GB at once).
+            for r in range(0, rows.shape[0], _GGUF_ROWS):
+                rows[r:r + _GGUF_ROWS] = self._gguf.quants.dequantize(src[r:r + _GGUF_ROWS], t.tensor_type)
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
-        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(self._shapes[name])
-        if not arr.flags.writeable:  # an F32 tensor comes back as a view of the read-only memory map
-            arr = arr.copy()
-        return torch.from_numpy(arr)
+        return torch.from_numpy(out)
 
 
 # ---- filling a model --------------------------------------------------------------------------------------------
