@@ -14,14 +14,14 @@ from .config import ModelArgs, from_name, size_of
 from .errors import CheckpointError, ConfigError
 from .model import Qwen2ForCausalLM
 from .tokenizer import Tokenizer
-from .weights import GGUFSource, SafetensorsSource, WeightSource, load_into
+from .weights import GGUFSource, RandomSource, SafetensorsSource, WeightSource, load_into
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: ModelArgs
-    source: WeightSource | None  # None: random weights
+    source: WeightSource
     kind: str  # "hf" | "gguf" | "random"
 
     @property
@@ -38,8 +38,6 @@ class Checkpoint:
 
     def load_model(self, dtype: torch.dtype = torch.float32, progress: bool = True, seed: int = 0
                    ) -> Qwen2ForCausalLM:
-        if self.source is None:
-            return random_model(self.config, dtype=dtype, seed=seed)
         model = empty_model(self.config, dtype)
         load_into(model, self.source, self.config, progress=progress)
         return model.eval()
@@ -51,21 +49,14 @@ def empty_model(cfg: ModelArgs, dtype: torch.dtype = torch.float32) -> Qwen2ForC
         model = Qwen2ForCausalLM(cfg)
     model = model.to_empty(device="cpu").to(dtype)
     model.tie_weights()
+    model.init_buffers()
     return model
 
 
 def random_model(cfg: ModelArgs, dtype: torch.dtype = torch.float32, seed: int = 0) -> Qwen2ForCausalLM:
-    """Random weights with randomized biases and norm weights too (zeros and ones would hide bugs)."""
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.05)
+    """Random weights (`RandomSource`: biases and norm weights randomized too, the same values the exporters see)."""
+    model = empty_model(cfg, torch.float32)
+    load_into(model, RandomSource(cfg, seed), cfg, progress=False)
     return model.to(dtype).eval()
 
 
@@ -142,7 +133,7 @@ def resolve_checkpoint(size: str | None = None, checkpoint: str | Path | None = 
         raise ConfigError("pass --size or --checkpoint")
     cfg = from_name(size, variant)
     if random_weights:
-        return Checkpoint(Path(f"<random {size}>"), cfg, None, "random")
+        return Checkpoint(Path(f"<random {size}>"), cfg, RandomSource(cfg), "random")
     if size == "0.5b":
         return open_checkpoint(hub.fetch_real_model())
     found = hub.find_in_hf_cache(size)

@@ -172,7 +172,19 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self._inv_freq, self._rope_scale = rope.inv_freq_and_scale(cfg)
+        inv_freq, self._rope_scale = rope.inv_freq_and_scale(cfg)
+        # A buffer, so a trace on the meta device keeps it as a named initializer (`rope_inv_freq`) to fill later.
+        self.register_buffer("rope_inv_freq", inv_freq.to(self.lm_head.weight.device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.rope_inv_freq.dtype != torch.float32:  # a dtype cast (e.g. .half()) must not round the frequencies
+            self.init_buffers()
+        return self
+
+    def init_buffers(self) -> None:
+        """Recompute non-checkpoint buffers (after `to_empty`, which leaves them uninitialized)."""
+        self.rope_inv_freq = rope.inv_freq_and_scale(self.config)[0].to(self.rope_inv_freq.device)
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config ties them (again after `to_empty`, which unties)."""
@@ -199,7 +211,7 @@ class Qwen2ForCausalLM(nn.Module):
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, T)
-        ctx = _Context(self.config, self._inv_freq.to(input_ids.device), self._rope_scale, position_ids,
+        ctx = _Context(self.config, self.rope_inv_freq, self._rope_scale, position_ids,
                        attention_mask, P)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         present = []

@@ -25,6 +25,7 @@ class WeightSource(Protocol):
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def get(self, name: str) -> torch.Tensor: ...
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
 
 
 # ---- the tensors a config needs -------------------------------------------------------------------------------
@@ -155,6 +156,14 @@ class SafetensorsSource:
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, read without loading the rest."""
+        f = self._where[name]
+        try:
+            return self._handle(f).get_slice(name)[start:stop]
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
+
 
 # ---- GGUF -------------------------------------------------------------------------------------------------------
 _GGUF_LAYER = {
@@ -251,19 +260,81 @@ class GGUFSource:
         return self._index[name][0].tensor_type.name
 
     def get(self, name: str) -> torch.Tensor:
+        return self.get_rows(name, 0, self._shapes[name][0] if self._shapes[name] else 1)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         t, expert = self._index[name]
         data = np.asarray(t.data if expert is None else t.data[expert])
         shape = self._shapes[name]
-        out = np.empty(shape, dtype=np.float32)
-        rows = out.reshape(-1, shape[-1]) if len(shape) > 1 else out.reshape(1, -1)
-        src = data.reshape(rows.shape[0], -1)
+        if len(shape) <= 1:
+            return torch.from_numpy(np.array(self._dequantize(t, data.reshape(1, -1)), dtype=np.float32).reshape(shape))
+        src = data.reshape(shape[0], -1)
+        stop = min(stop, shape[0])
+        out = np.empty((stop - start,) + tuple(shape[1:]), dtype=np.float32)
+        rows = out.reshape(stop - start, -1)
+        # Row blocks keep the dequantizer's temporaries small (a 151936-row embedding would need ~2 GB at once).
+        for r in range(start, stop, _GGUF_ROWS):
+            e = min(stop, r + _GGUF_ROWS)
+            rows[r - start:e - start] = self._dequantize(t, src[r:e])
+        return torch.from_numpy(out)
+
+    def raw(self, name: str) -> tuple[str, np.ndarray]:
+        """(GGUF type name, raw bytes (rows, bytes per row)) — for carrying quantized blocks over exactly."""
+        t, expert = self._index[name]
+        data = np.asarray(t.data if expert is None else t.data[expert])
+        return t.tensor_type.name, data.reshape(self._shapes[name][0], -1)
+
+    def _dequantize(self, t, data: np.ndarray) -> np.ndarray:
         try:
-            # Row blocks keep the dequantizer's temporaries small (a 151936-row embedding would need ~2 GB at once).
-            for r in range(0, rows.shape[0], _GGUF_ROWS):
-                rows[r:r + _GGUF_ROWS] = self._gguf.quants.dequantize(src[r:r + _GGUF_ROWS], t.tensor_type)
+            return self._gguf.quants.dequantize(data, t.tensor_type)
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
-        return torch.from_numpy(out)
+
+
+# ---- random weights ---------------------------------------------------------------------------------------------
+class RandomSource:
+    """Deterministic random weights under Hugging Face names, generated in fixed row blocks from (seed, name, block),
+    so any slice, any layer count and any consumer (reference model, streaming exporter) sees the same values.
+    Norm weights 1 + N(0, 0.1), biases N(0, 0.1), matrices N(0, 0.02): zeros and ones would hide bugs."""
+
+    ROWS = 256
+
+    def __init__(self, cfg: ModelArgs, seed: int = 0):
+        self.cfg, self.seed = cfg, seed
+        self.path = Path(f"<random weights, seed {seed}>")
+        self._shapes = expected_tensors(cfg)
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        shape = self._shapes[name]
+        return self.get_rows(name, 0, shape[0]).reshape(shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        import zlib
+
+        shape = self._shapes[name]
+        stop = min(stop, shape[0])
+        width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        if name.endswith("norm.weight"):
+            mean, std = 1.0, 0.1
+        elif name.endswith("bias"):
+            mean, std = 0.0, 0.1
+        else:
+            mean, std = 0.0, 0.02
+        parts = []
+        for b in range(start // self.ROWS, -(-stop // self.ROWS)):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + b)
+                                              % (2**63 - 1))
+            lo, hi = b * self.ROWS, min(shape[0], (b + 1) * self.ROWS)
+            block = torch.randn(hi - lo, width, generator=g) * std + mean
+            parts.append(block[max(start, lo) - lo: min(stop, hi) - lo])
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out.reshape((stop - start,) + tuple(shape[1:])) if len(shape) > 1 else out.reshape(-1)
 
 
 # ---- filling a model --------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_yarn_changes_the_output(make_hf_checkpoint):
     plain = open_checkpoint(folder).load_model(progress=False)
     plain.config = cfg.replace(rope_scaling=None)
     from qwen2_ref.rope import inv_freq_and_scale
-    plain._inv_freq, plain._rope_scale = inv_freq_and_scale(plain.config)
+    plain.rope_inv_freq, plain._rope_scale = inv_freq_and_scale(plain.config)
     ids = torch.tensor([prompts_for(512, [80])[0]])
     assert (yarn(ids)[0] - plain(ids)[0]).abs().max() > 1e-2
 

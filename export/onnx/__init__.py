@@ -1,0 +1,187 @@
+"""`export_onnx`: the reference traced to ONNX, weights streamed in, proved against the reference, published whole."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+from qwen2_ref.checkpoint import Checkpoint, empty_model
+from qwen2_ref.errors import Qwen2Error
+from qwen2_ref.progress import console, status
+from qwen2_ref.weights import load_into, validate
+
+from ..output import staged_folder
+from ..tolerances import GATE, Tolerance
+from .graph import OPSET, lower_linears, ops_histogram, trace
+from .metadata import write_metadata
+from .verify import check_parity, session
+from .weights import WeightStreamer
+
+DTYPES = ("fp32", "fp16", "int4")
+# A reference bigger than this (fp32 bytes) is not materialized for the gate; a 2-layer truncation is checked.
+FULL_REFERENCE_MAX_BYTES = 6 * 2**30
+GATE_DECODE_STEPS = 4
+GATE_PROMPT = "def quicksort(items):\n    if len(items) <= 1:\n        return items\n"
+
+
+class ParityError(Qwen2Error):
+    """The export does not compute what the reference does, beyond the dtype's tolerance."""
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool = False,
+               num_layers: int | None = None, accuracy_level: int = 4) -> dict:
+    """Trace, lower, attach streamed weights and save into `folder`. Returns facts for the report."""
+    cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
+    t0 = time.perf_counter()
+    status(f"tracing {cfg.model_type} ({cfg.num_hidden_layers} layers, {dtype}) ...")
+    model = trace(cfg, dtype)
+    streamer = WeightStreamer(ckpt.source, cfg, requantize=requantize)
+    quant = None
+    if dtype == "int4":
+        quant = {n: streamer.quant_spec(n) for n, v in model.graph.initializers.items()
+                 if len(v.shape or ()) == 2 and n.endswith(".weight") and n != "model.embed_tokens.weight"}
+        if cfg.tie_word_embeddings:
+            quant["model.embed_tokens.weight"] = streamer.quant_spec("model.embed_tokens.weight")
+    uses = lower_linears(model, quant, accuracy_level=accuracy_level)
+    streamer.attach(uses)
+    t_trace = time.perf_counter() - t0
+    model.producer_name, model.producer_version = "qwen2-export", "0.1.0"
+    model.metadata_props.update({"qwen2_export.dtype": dtype, "qwen2_export.source": str(ckpt.path),
+                                 "qwen2_export.config": json.dumps(cfg.to_hf_config())})
+    n_init = len(model.graph.initializers)
+    written = [0]
+
+    def progress(tensor, info) -> None:
+        written[0] += 1
+        if console.is_terminal and written[0] % 16 == 0:
+            console.print(f"  writing weights {info.index + 1}/{info.total}", end="\r")
+
+    status(f"writing {n_init} tensors to {folder.name}/model.onnx.data (streamed) ...")
+    t1 = time.perf_counter()
+    ir.save(model, folder / "model.onnx", external_data="model.onnx.data", callback=progress)
+    t_write = time.perf_counter() - t1
+    write_metadata(folder, cfg, dtype, context)
+    quantized = {u.source: {"bits": u.spec.bits, "block": u.spec.block, "from": u.spec.source}
+                 for u in uses.values() if u.spec is not None}
+    return {"ops": ops_histogram(model), "trace_s": round(t_trace, 2), "write_s": round(t_write, 2),
+            "initializers": n_init, "quantized": quantized, "layers": cfg.num_hidden_layers}
+
+
+def reference_model(ckpt: Checkpoint, num_layers: int | None = None):
+    cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
+    model = empty_model(cfg, torch.float32)
+    load_into(model, _Truncated(ckpt.source, cfg), cfg, progress=False)
+    return model.eval()
+
+
+class _Truncated:
+    """A weight source restricted to the tensors of a truncated config (the first N layers)."""
+
+    def __init__(self, source, cfg):
+        from qwen2_ref.weights import expected_tensors
+
+        self._src, self.path = source, source.path
+        self._names = [n for n in expected_tensors(cfg) if n in set(source.names())]
+        if not cfg.tie_word_embeddings and "lm_head.weight" in source.names():
+            pass
+
+    def names(self):
+        return self._names
+
+    def __getattr__(self, item):
+        return getattr(self._src, item)
+
+
+def gate_prompts(ckpt: Checkpoint, batch: int = 1) -> list[list[int]]:
+    tok = ckpt.tokenizer() if ckpt.kind != "random" else None
+    if tok is not None:
+        ids = tok.encode(GATE_PROMPT)
+    else:
+        g = torch.Generator().manual_seed(1234)
+        ids = torch.randint(0, ckpt.config.vocab_size, (24,), generator=g).tolist()
+    prompts = [ids]
+    if batch > 1:  # a shorter second row exercises left padding
+        prompts += [ids[: max(2, len(ids) // 2 - i)] for i in range(batch - 1)]
+    return prompts
+
+
+def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: int | None = None,
+                verify: bool = True, overwrite: bool = False, requantize: bool = False,
+                tolerance: Tolerance | None = None, gate_batch: int = 1, device_profile: str | None = None) -> dict:
+    """Export `ckpt` to `out` (model.onnx + external data + metadata + tokenizer + export_report.json).
+
+    Writes into a temporary folder beside `out`, runs the parity gate, and only then moves it into place.
+    """
+    if dtype not in DTYPES:
+        raise Qwen2Error(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    cfg = ckpt.config
+    context = context or cfg.max_position_embeddings
+    if context > cfg.max_position_embeddings and cfg.rope_scaling is None \
+            and cfg.dual_chunk_attention_config is None:
+        raise Qwen2Error(f"--max-context {context} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}; configure YaRN or DCA for longer contexts")
+    validate(ckpt.source, cfg)  # names and shapes, before any work
+    tol = tolerance or GATE[dtype]
+    t0 = time.perf_counter()
+    report: dict = {"format": "onnx", "size": ckpt.size, "model_type": cfg.model_type, "dtype": dtype,
+                    "opset": OPSET, "source": str(ckpt.path), "source_kind": ckpt.kind,
+                    "device_profile": device_profile, "context": context,
+                    "config": cfg.to_hf_config()}
+    with staged_folder(out, overwrite) as tmp:
+        report |= build_onnx(ckpt, tmp, dtype, context, requantize)
+        report["custom_ops"] = sorted({k for k in report["ops"] if "::" in k})
+        report["export_peak_rss_mib"] = round(peak_rss_mib())
+        tok = ckpt.tokenizer()
+        if tok is not None:
+            tok.save(tmp)
+        report["files_mib"] = {p.name: round(p.stat().st_size / 2**20, 2) for p in sorted(tmp.iterdir())}
+        if verify:
+            report["parity"] = _gate(ckpt, tmp, dtype, context, requantize, tol, gate_batch)
+        else:
+            report["parity"] = {"skipped": "--no-verify"}
+        report["wall_s"] = round(time.perf_counter() - t0, 2)
+        report["peak_rss_mib"] = round(peak_rss_mib())
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    status(f"exported {out} ({sum(report['files_mib'].values()):.0f} MiB, {report['wall_s']:.0f} s)")
+    return report
+
+
+def _gate(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool, tol: Tolerance,
+          batch: int) -> dict:
+    cfg = ckpt.config
+    full_bytes = cfg.num_parameters() * 4
+    prompts = gate_prompts(ckpt, batch)
+    if full_bytes <= FULL_REFERENCE_MAX_BYTES:
+        status("verifying against the reference (ONNX Runtime vs PyTorch) ...")
+        ref = reference_model(ckpt)
+        p = check_parity(session(folder), ref, prompts, GATE_DECODE_STEPS, tol)
+        result = p.to_dict() | {"scope": "full model"}
+    else:
+        layers = 2
+        status(f"verifying a {layers}-layer truncation (the full fp32 reference would need "
+               f"{full_bytes / 2**30:.0f} GiB) ...")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gate-") as td:
+            build_onnx(ckpt, Path(td), dtype, context, requantize, num_layers=layers)
+            ref = reference_model(ckpt, layers)
+            p = check_parity(session(td), ref, prompts, GATE_DECODE_STEPS, tol)
+            del ref
+        result = p.to_dict() | {"scope": f"first {layers} of {cfg.num_hidden_layers} layers, same weights"}
+    if not p.passed:
+        raise ParityError(f"parity gate failed for the {dtype} export: max |Δ logits| {p.max_abs_logits:.3g} "
+                          f"(limit {tol.max_abs_logits}), top-1 agreement {p.top1_agreement:.3f} "
+                          f"(floor {tol.min_top1_agreement}); nothing was written")
+    status(f"parity: max |Δ logits| {p.max_abs_logits:.2e}, top-1 agreement {p.top1_agreement:.3f}, "
+           f"greedy agreement {p.greedy_agreement:.2f}")
+    return result

@@ -1,0 +1,212 @@
+"""Trace the reference into an ONNX graph with no weights, then lower it for ONNX Runtime.
+
+The model is built on the meta device, so tracing costs the same for 0.5B and 72B. Initializers keep the
+reference's (Hugging Face) names; their data is attached later by `weights.py`, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import torch
+
+from qwen2_ref.config import ModelArgs
+from qwen2_ref.model import Qwen2ForCausalLM
+
+from ..quant import QuantSpec
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32}
+
+
+def io_names(cfg: ModelArgs) -> tuple[list[str], list[str]]:
+    """optimum / onnxruntime-genai conventions."""
+    kv = [f"{i}.{t}" for i in range(cfg.num_hidden_layers) for t in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
+            ["logits"] + [f"present.{n}" for n in kv])
+
+
+class _Step(torch.nn.Module):
+    """Flat inputs/outputs around the reference: one graph serves prefill and decode."""
+
+    def __init__(self, model: Qwen2ForCausalLM):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        pk = tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2))
+        logits, present = self.m(input_ids, position_ids=position_ids, attention_mask=attention_mask, past=pk)
+        return (logits.to(torch.float32), *[t for kv in present for t in kv])
+
+
+def trace(cfg: ModelArgs, dtype: str) -> ir.Model:
+    """The reference as an ONNX graph (opset 21) with dynamic batch / sequence / past; initializers have no data."""
+    tdtype = TORCH_DTYPES[dtype]
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg).to(tdtype).eval()
+    model.tie_weights()
+    L, B, T, P = cfg.num_hidden_layers, 2, 3, 5  # sizes >= 2: size-1 example dims get specialized
+    with torch.device("meta"):
+        args = (torch.zeros(B, T, dtype=torch.long), torch.ones(B, P + T, dtype=torch.long),
+                torch.zeros(B, T, dtype=torch.long),
+                *[torch.zeros(B, cfg.num_key_value_heads, P, cfg.head_dim, dtype=tdtype) for _ in range(2 * L)])
+    ins, outs = io_names(cfg)
+    D = torch.export.Dim.DYNAMIC
+    shapes = ({0: D, 1: D}, {0: D, 1: D}, {0: D, 1: D}, ({0: D, 2: D},) * (2 * L))
+    prog = torch.onnx.export(_Step(model), args, dynamo=True, optimize=False, opset_version=OPSET,
+                             input_names=ins, output_names=outs, dynamic_shapes=shapes, verbose=False)
+    m = prog.model
+    _strip_prefix(m.graph, "m.")
+    if cfg.tie_word_embeddings:
+        m.graph.initializers["lm_head.weight"].name = "model.embed_tokens.weight"
+    _name_dims(m.graph, cfg)
+    return m
+
+
+def _strip_prefix(graph: ir.Graph, prefix: str) -> None:
+    for name in list(graph.initializers):
+        if name.startswith(prefix):
+            graph.initializers[name].name = name[len(prefix):]
+
+
+def _name_dims(graph: ir.Graph, cfg: ModelArgs) -> None:
+    kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    for v in graph.inputs:
+        if v.name == "attention_mask":
+            v.shape = ir.Shape(["batch_size", "total_sequence_length"])
+        elif v.name.startswith("past_key_values"):
+            v.shape = ir.Shape(["batch_size", kv, "past_sequence_length", hd])
+        else:
+            v.shape = ir.Shape(["batch_size", "sequence_length"])
+    for v in graph.outputs:
+        if v.name == "logits":
+            v.shape = ir.Shape(["batch_size", "sequence_length", cfg.vocab_size])
+        else:
+            v.shape = ir.Shape(["batch_size", kv, "total_sequence_length", hd])
+
+
+# ---- lowering --------------------------------------------------------------------------------------------------
+@dataclass
+class WeightUse:
+    """How one checkpoint tensor is stored: as-is, transposed for MatMul, or block-quantized for MatMulNBits."""
+
+    source: str  # reference parameter name (stacked experts included)
+    kind: str  # "plain" | "transposed" | "quantized"
+    outputs: list[ir.Value] = field(default_factory=list)
+    spec: QuantSpec | None = None
+
+
+def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_level: int = 4
+                  ) -> dict[str, WeightUse]:
+    """Replace `MatMul(x, Transpose(W))` by `MatMul(x, Wᵀ stored)` or `MatMulNBits(x, W quantized)`.
+
+    `quant` maps weight names to a QuantSpec (None: keep floats). A weight also gathered as the embedding (tied
+    head) stays in its (vocab, hidden) layout and the head becomes `Gemm(transB=1)`, so it is stored once.
+    Returns the storage plan of every initializer.
+    """
+    g = model.graph
+    uses: dict[str, WeightUse] = {n: WeightUse(n, "plain", [v]) for n, v in g.initializers.items()}
+    for node in list(g):
+        if node.op_type != "Transpose" or node.domain != "":
+            continue
+        w = node.inputs[0]
+        if w is None or not w.is_initializer() or len(w.shape or ()) != 2:
+            continue
+        perm = node.attributes.get("perm")
+        if perm is not None and list(perm.as_ints()) != [1, 0]:
+            continue
+        consumers = [u for u, _ in node.outputs[0].uses()]
+        if not consumers or any(c.op_type != "MatMul" for c in consumers):
+            continue
+        gathered = any(u.op_type == "Gather" for u, _ in w.uses())
+        n_out, k_in = w.shape[0], w.shape[1]
+        spec = quant.get(w.name) if quant else None
+        if spec is not None:
+            shapes = spec.shapes(n_out, k_in)
+            fdt = ir.DataType.FLOAT
+            zdt = fdt if spec.float_zp else ir.DataType.UINT8
+            b = _initializer(f"{w.name}.q{spec.bits}", ir.DataType.UINT8, shapes["B"])
+            sc = _initializer(f"{w.name}.scales", fdt, shapes["scales"])
+            zp = _initializer(f"{w.name}.zero_points", zdt, shapes["zero_points"])
+            for v in (b, sc, zp):
+                g.register_initializer(v)
+            for mm in consumers:
+                new = _node(MS_DOMAIN, "MatMulNBits", [mm.inputs[0], b, sc, zp],
+                              {"K": k_in, "N": n_out, "bits": spec.bits, "block_size": spec.block,
+                                          "accuracy_level": accuracy_level},
+                              name=f"{w.name}/MatMulNBits")
+                _replace(g, mm, new)
+            uses[w.name] = WeightUse(w.name, "quantized", [b, sc, zp], spec)
+            if gathered:  # the embedding gather still needs the float table
+                uses[w.name].outputs.insert(0, w)
+                uses[w.name].kind = "quantized+plain"
+        elif gathered or w.shape[0] > 65536:
+            # Tied head: share the embedding table. Any vocab-wide head: keep (V, H) rows so the exporter can
+            # stream it in row blocks instead of transposing a multi-GB matrix in memory.
+            for mm in consumers:
+                _matmul_to_gemm(g, mm, w)
+        else:
+            orig = w.name
+            w.name = f"{orig}.__orig"
+            wt = _initializer(orig, w.dtype, (k_in, n_out))
+            g.register_initializer(wt)
+            for mm in consumers:
+                mm.replace_input_with(1, wt)
+            uses[wt.name] = WeightUse(wt.name, "transposed", [wt])
+        g.remove(node, safe=True)
+    for name, v in list(g.initializers.items()):
+        if not v.uses() and not v.is_graph_output():
+            g.initializers.pop(name)
+    live = set(g.initializers)
+    return {n: u for n, u in uses.items() if all(o.name in live for o in u.outputs)}
+
+
+def _node(domain: str, op: str, inputs, attrs: dict | None = None, name: str | None = None) -> ir.Node:
+    return ir.Node(domain, op, inputs, ir.convenience.convert_attributes(attrs or {}), name=name)
+
+
+def _initializer(name: str, dtype: ir.DataType, shape) -> ir.Value:
+    """An initializer whose data is attached later (weights.py); evaluating it before then is a bug."""
+
+    def unset():
+        raise RuntimeError(f"initializer {name} has no data attached")
+
+    t = ir.LazyTensor(unset, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
+    return ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype), const_value=t)
+
+
+def _replace(g: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Put `new` where `old` was: same output name, shape and type (graph outputs included)."""
+    g.insert_before(old, new)
+    before, after = old.outputs[0], new.outputs[0]
+    name, shape, typ = before.name, before.shape, before.type
+    before.replace_all_uses_with(after, replace_graph_outputs=True)
+    before.name = f"{name}.__replaced"
+    after.name, after.shape, after.type = name, shape, typ
+    g.remove(old, safe=True)
+
+
+def _matmul_to_gemm(g: ir.Graph, mm: ir.Node, w: ir.Value) -> None:
+    """x (…, H) @ Wᵀ with W (V, H) kept as stored: Reshape(-1, H) -> Gemm(transB=1) -> Reshape(…, V)."""
+    x = mm.inputs[0]
+    name = f"{w.name}/head"
+    hidden = ir.Value(name=f"{name}.flat_shape", const_value=ir.tensor([-1, w.shape[1]], dtype=ir.DataType.INT64))
+    vocab = ir.Value(name=f"{name}.vocab", const_value=ir.tensor([w.shape[0]], dtype=ir.DataType.INT64))
+    for c in (hidden, vocab):
+        g.register_initializer(c)
+    lead = _node("", "Shape", [x], {"start": 0, "end": -1}, name=f"{name}/lead")
+    shape = _node("", "Concat", [lead.outputs[0], vocab], {"axis": 0}, name=f"{name}/shape")
+    flat = _node("", "Reshape", [x, hidden], name=f"{name}/flatten")
+    gemm = _node("", "Gemm", [flat.outputs[0], w], {"transB": 1}, name=f"{name}/Gemm")
+    back = _node("", "Reshape", [gemm.outputs[0], shape.outputs[0]], name=f"{name}/unflatten")
+    for n in (lead, shape, flat, gemm):
+        g.insert_before(mm, n)
+    _replace(g, mm, back)
+
+
+def ops_histogram(model: ir.Model) -> dict[str, int]:
+    c = collections.Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in model.graph)
+    return dict(sorted(c.items(), key=lambda kv: -kv[1]))

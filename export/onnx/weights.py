@@ -1,0 +1,137 @@
+"""Attach checkpoint weights to a traced graph as streamed external data.
+
+Every initializer gets a lazily evaluated tensor; `onnx_ir.save` then writes them one at a time, in graph order,
+into `model.onnx.data`. Large float tensors are produced in row blocks; a quantized weight is quantized once, in row
+blocks, and its three MatMulNBits tensors are written from that packed result. Peak memory is bounded by about one
+tensor, never the model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from qwen2_ref.config import ModelArgs
+from qwen2_ref.rope import inv_freq_and_scale
+from qwen2_ref.weights import WeightSource, param_slot
+
+from ..quant import GGUF_EXACT, QuantSpec, quantize_from_gguf, quantize_rtn
+from .graph import WeightUse
+
+ROW_BLOCK = 8192  # rows per block when streaming a float tensor or quantizing
+
+
+class StreamedTensor(ir.LazyTensor):
+    """A tensor whose bytes are produced block by block when written (never materialized whole)."""
+
+    def __init__(self, blocks: Callable[[], Iterator[np.ndarray]], dtype: ir.DataType, shape: tuple[int, ...],
+                 name: str):
+        super().__init__(lambda: ir.tensor(np.concatenate([b.reshape(-1) for b in blocks()]).reshape(shape)),
+                         dtype=dtype, shape=ir.Shape(list(shape)), name=name)
+        self._blocks = blocks
+
+    def tofile(self, file) -> None:
+        for b in self._blocks():
+            file.write(np.ascontiguousarray(b).tobytes())
+
+
+NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.UINT8: np.uint8}
+
+
+class WeightStreamer:
+    """Reads reference parameters (by model parameter name) from a checkpoint's weight source."""
+
+    def __init__(self, source: WeightSource, cfg: ModelArgs, requantize: bool = False):
+        self.source, self.cfg, self.requantize = source, cfg, requantize
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def checkpoint_names(self, param: str) -> list[str]:
+        """Checkpoint tensors behind a model parameter (a stacked expert parameter has one per expert)."""
+        if param.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj")):
+            base, proj = param.rsplit(".", 1)
+            return [f"{base}.{e}.{proj}.weight" for e in range(self.cfg.num_experts)]
+        return [param]
+
+    def rows(self, param: str, start: int, stop: int) -> torch.Tensor:
+        names = self.checkpoint_names(param)
+        if len(names) == 1:
+            return self.source.get_rows(names[0], start, stop).to(torch.float32)
+        return torch.stack([self.source.get(names[e]).to(torch.float32) for e in range(start, stop)])
+
+    def n_rows(self, param: str) -> int:
+        if param == "rope_inv_freq":
+            return 1
+        names = self.checkpoint_names(param)
+        return len(names) if len(names) > 1 else self.source.shape(names[0])[0]
+
+    def quant_spec(self, param: str) -> QuantSpec:
+        """How a linear weight is quantized: a GGUF tensor keeps its grid where MatMulNBits can carry it exactly."""
+        raw = getattr(self.source, "raw", None)
+        if raw is not None and not self.requantize:
+            gtype = self.source.tensor_type(param)
+            if gtype in GGUF_EXACT:
+                return GGUF_EXACT[gtype][2]
+        return QuantSpec(bits=4, block=32)
+
+    def quantize(self, param: str, spec: QuantSpec) -> dict[str, np.ndarray]:
+        n = self.n_rows(param)
+        parts = []
+        for r in range(0, n, ROW_BLOCK):
+            e = min(n, r + ROW_BLOCK)
+            w = self.rows(param, r, e)
+            if spec.source != "rtn":
+                gtype, raw = self.source.raw(param)
+                q = quantize_from_gguf(gtype, raw[r:e], w.numpy())
+            else:
+                q = quantize_rtn(w, spec)
+            parts.append(q.pack())
+        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+    # -- attaching ----------------------------------------------------------------------------------------------
+    def attach(self, uses: dict[str, WeightUse]) -> None:
+        for use in uses.values():
+            if use.kind == "transposed":
+                self._attach_float(use.outputs[0], use.source, transpose=True)
+            elif use.kind in ("quantized", "quantized+plain"):
+                outs = list(use.outputs)
+                if use.kind == "quantized+plain":
+                    self._attach_float(outs.pop(0), use.source)
+                self._attach_quantized(outs, use.source, use.spec)
+            else:
+                self._attach_float(use.outputs[0], use.source)
+
+    def _attach_float(self, value: ir.Value, param: str, transpose: bool = False) -> None:
+        dt = NUMPY[value.dtype]
+        shape = tuple(value.shape.numpy())
+        if param == "rope_inv_freq":
+            inv = inv_freq_and_scale(self.cfg)[0].numpy().astype(dt)
+            value.const_value = ir.tensor(inv, name=value.name)
+            return
+
+        def blocks() -> Iterator[np.ndarray]:
+            if transpose:
+                yield self.rows(param, 0, self.n_rows(param)).T.contiguous().numpy().astype(dt)
+                return
+            n = self.n_rows(param)
+            for r in range(0, n, ROW_BLOCK):
+                yield self.rows(param, r, min(n, r + ROW_BLOCK)).numpy().astype(dt)
+
+        value.const_value = StreamedTensor(blocks, value.dtype, shape, value.name)
+
+    def _attach_quantized(self, outs: list[ir.Value], param: str, spec: QuantSpec) -> None:
+        cache: dict[str, np.ndarray] = {}
+        keys = ("B", "scales", "zero_points")
+
+        def make(key: str, value: ir.Value):
+            def blocks() -> Iterator[np.ndarray]:
+                if not cache:
+                    cache.update(self.quantize(param, spec))
+                arr = cache.pop(key)  # each packed tensor is written once, then freed
+                yield arr.astype(NUMPY[value.dtype]).reshape(tuple(value.shape.numpy()))
+            return blocks
+
+        for key, v in zip(keys, outs):
+            v.const_value = StreamedTensor(make(key, v), v.dtype, tuple(v.shape.numpy()), v.name)

@@ -1,0 +1,186 @@
+"""Block quantization for ONNX Runtime's `MatMulNBits` (com.microsoft): w = (code − zero_point) · scale per block.
+
+Two ways in:
+- from float weights: asymmetric 4-bit, block 32, round-to-nearest with a per-block search over clipped ranges;
+- from a GGUF file: each tensor keeps its own quantization grid exactly (llama.cpp's blocks carried over, not
+  re-quantized): Q4_0 / Q4_1 / Q4_K as 4-bit (block 32; Q4_1 / Q4_K with float zero points), Q5_0 / Q8_0 as 8-bit
+  (block 32) and Q6_K as 8-bit (block 16). ORT 1.32's CPU kernel runs bits 2, 4 and 8 only, so 5- and 6-bit
+  grids travel as 8-bit codes — exact, at the cost of bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int  # 4 or 8
+    block: int  # elements per block along K
+    float_zp: bool = False  # zero points stored as floats (same type as scales) instead of uint8
+    source: str = "rtn"  # "rtn" (re-quantized from floats) or the GGUF type carried over ("Q4_K", ...)
+
+    def shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
+        nb = -(-k // self.block)
+        zp = (n * nb,) if (self.float_zp or self.bits == 8) else (n * -(-nb // 2),)
+        return {"B": (n, nb, self.block * self.bits // 8), "scales": (n * nb,), "zero_points": zp}
+
+
+RTN4 = QuantSpec(bits=4, block=32)
+
+
+@dataclass
+class Quantized:
+    codes: np.ndarray  # (N, K) uint8
+    scales: np.ndarray  # (N, nb) float32
+    zero_points: np.ndarray  # (N, nb) uint8 or float32
+    spec: QuantSpec
+
+    def dequantize(self) -> np.ndarray:
+        return _apply_blocks(self.codes.astype(np.float32), self.spec.block,
+                             lambda c, s, z: (c - z) * s, self.scales, self.zero_points.astype(np.float32))
+
+    def pack(self) -> dict[str, np.ndarray]:
+        """The three MatMulNBits initializers: B (N, nb, blob), scales (N*nb,), zero_points (packed / float)."""
+        spec = self.spec
+        n, k = self.codes.shape
+        nb = -(-k // spec.block)
+        codes = np.zeros((n, nb * spec.block), dtype=np.uint8)
+        codes[:, :k] = self.codes
+        if spec.bits == 4:
+            b = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+        else:
+            b = codes
+        out = {"B": b.reshape(n, nb, spec.block * spec.bits // 8), "scales": self.scales.reshape(-1)}
+        if spec.float_zp:
+            out["zero_points"] = self.zero_points.astype(np.float32).reshape(-1)
+        elif spec.bits == 8:
+            out["zero_points"] = self.zero_points.astype(np.uint8).reshape(-1)
+        else:
+            zp = np.full((n, -(-nb // 2) * 2), 8, dtype=np.uint8)
+            zp[:, :nb] = self.zero_points
+            out["zero_points"] = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+        return out
+
+
+def _apply_blocks(x: np.ndarray, block: int, fn, scales: np.ndarray, zps: np.ndarray) -> np.ndarray:
+    """fn(x, scale, zero_point) elementwise with per-block parameters (N, nb) broadcast over x (N, K)."""
+    n, k = x.shape
+    nb = scales.shape[1]
+    if nb * block != k:
+        pad = np.zeros((n, nb * block), dtype=x.dtype)
+        pad[:, :k] = x
+        return _apply_blocks(pad, block, fn, scales, zps)[:, :k]
+    return fn(x.reshape(n, nb, block), scales[..., None], zps[..., None]).reshape(n, k)
+
+
+# ---- from float weights ---------------------------------------------------------------------------------------
+_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec = RTN4) -> Quantized:
+    """Asymmetric round-to-nearest per block; per block the clipping of [min, max] with the least squared error."""
+    w = w.detach().to(torch.float32)
+    n, k = w.shape
+    b = spec.block
+    nb = -(-k // b)
+    if nb * b != k:
+        w = torch.nn.functional.pad(w, (0, nb * b - k))
+    blocks = w.reshape(n, nb, b)
+    lo = blocks.amin(-1).clamp(max=0.0)
+    hi = blocks.amax(-1).clamp(min=0.0)
+    qmax = (1 << spec.bits) - 1
+    best_err = best_s = best_z = None
+    for f in _SHRINK:
+        s = ((hi - lo) * f / qmax).clamp(min=1e-12)
+        z = torch.round(-lo * f / s).clamp(0, qmax)
+        q = torch.clamp(torch.round(blocks / s[..., None] + z[..., None]), 0, qmax)
+        err = ((q - z[..., None]) * s[..., None] - blocks).pow(2).sum(-1)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+    q = torch.clamp(torch.round(blocks / best_s[..., None] + best_z[..., None]), 0, qmax)
+    codes = q.reshape(n, nb * b)[:, :k].to(torch.uint8).numpy()
+    return Quantized(codes, best_s.numpy().astype(np.float32), best_z.to(torch.uint8).numpy(), spec)
+
+
+# ---- carried over from GGUF blocks -----------------------------------------------------------------------------
+# type -> (bytes per super-block, elements per super-block, MatMulNBits spec)
+GGUF_EXACT = {
+    "Q8_0": (34, 32, QuantSpec(8, 32, source="Q8_0")),
+    "Q5_0": (22, 32, QuantSpec(8, 32, source="Q5_0")),
+    "Q4_0": (18, 32, QuantSpec(4, 32, source="Q4_0")),
+    "Q4_1": (20, 32, QuantSpec(4, 32, float_zp=True, source="Q4_1")),
+    "Q4_K": (144, 256, QuantSpec(4, 32, float_zp=True, source="Q4_K")),
+    "Q6_K": (210, 256, QuantSpec(8, 16, source="Q6_K")),
+}
+
+
+def _f16(raw: np.ndarray, at: int) -> np.ndarray:
+    return raw[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _q4k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's 6-bit packed (scale, min) pairs of Q4_K: 12 bytes -> 8 sub-block scales and mins."""
+    sc = sc.astype(np.uint8)
+    s = np.empty(sc.shape[:-1] + (8,), dtype=np.uint8)
+    m = np.empty_like(s)
+    s[..., :4] = sc[..., 0:4] & 63
+    m[..., :4] = sc[..., 4:8] & 63
+    s[..., 4:] = (sc[..., 8:12] & 0xF) | ((sc[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)
+    return s.astype(np.float32), m.astype(np.float32)
+
+
+def gguf_block_params(gtype: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block (scale, zero point) of a GGUF tensor; raw (rows, bytes). Returns two (rows, nb) float32 arrays."""
+    size, per, spec = GGUF_EXACT[gtype]
+    rows = raw.shape[0]
+    sb = raw.reshape(rows, -1, size)  # (rows, super-blocks, bytes)
+    if gtype == "Q8_0":
+        d = _f16(sb, 0)
+        return d, np.full_like(d, 128.0)
+    if gtype == "Q5_0":
+        d = _f16(sb, 0)
+        return d, np.full_like(d, 16.0)
+    if gtype == "Q4_0":
+        d = _f16(sb, 0)
+        return d, np.full_like(d, 8.0)
+    if gtype == "Q4_1":
+        d, m = _f16(sb, 0), _f16(sb, 2)
+        return d, np.divide(-m, d, out=np.zeros_like(d), where=d != 0)
+    if gtype == "Q6_K":
+        d = _f16(sb, 208)
+        sc = sb[..., 192:208].view(np.int8).astype(np.float32)  # (rows, sbk, 16)
+        scale = (d[..., None] * sc).reshape(rows, -1)
+        return scale, np.full_like(scale, 32.0)
+    if gtype == "Q4_K":
+        d, dmin = _f16(sb, 0), _f16(sb, 2)
+        s, m = _q4k_scale_min(sb[..., 4:16])
+        scale = (d[..., None] * s).reshape(rows, -1)
+        offset = (dmin[..., None] * m).reshape(rows, -1)
+        return scale, np.divide(offset, scale, out=np.zeros_like(scale), where=scale != 0)
+    raise KeyError(gtype)
+
+
+def quantize_from_gguf(gtype: str, raw: np.ndarray, w: np.ndarray) -> Quantized:
+    """Carry a GGUF tensor's blocks over: codes recovered from the dequantized values `w` (rows, K) and the block
+    parameters read from `raw`; checked to reproduce `w`."""
+    spec = GGUF_EXACT[gtype][2]
+    scale, zp = gguf_block_params(gtype, raw)
+    safe = np.where(scale != 0, scale, 1.0).astype(np.float32)
+    codes = _apply_blocks(w, spec.block, lambda x, s, z: np.round(x / s + z), safe, zp)
+    codes = np.clip(codes, 0, (1 << spec.bits) - 1).astype(np.uint8)
+    zp_out = zp.astype(np.float32) if spec.float_zp else zp.astype(np.uint8)
+    q = Quantized(codes, scale.astype(np.float32), zp_out, spec)
+    err = np.abs(q.dequantize() - w).max() if w.size else 0.0
+    if not err <= 1e-5 * max(1.0, float(np.abs(w).max())):
+        raise ValueError(f"{gtype} blocks could not be carried over exactly (max error {err:.3g})")
+    return q
