@@ -139,6 +139,13 @@ def _q4k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s.astype(np.float32), m.astype(np.float32)
 
 
+def _float_zp(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w = scale·q − offset as (q − zp)·scale. A zero-scale block is the constant −offset: scale 1, zp = offset."""
+    zero = scale == 0
+    scale = np.where(zero, 1.0, scale).astype(np.float32)
+    return scale, np.where(zero, offset, offset / scale).astype(np.float32)
+
+
 def gguf_block_params(gtype: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-block (scale, zero point) of a GGUF tensor; raw (rows, bytes). Returns two (rows, nb) float32 arrays."""
     size, per, spec = GGUF_EXACT[gtype]
@@ -155,7 +162,7 @@ def gguf_block_params(gtype: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarr
         return d, np.full_like(d, 8.0)
     if gtype == "Q4_1":
         d, m = _f16(sb, 0), _f16(sb, 2)
-        return d, np.divide(-m, d, out=np.zeros_like(d), where=d != 0)
+        return _float_zp(d, -m)
     if gtype == "Q6_K":
         d = _f16(sb, 208)
         sc = sb[..., 192:208].view(np.int8).astype(np.float32)  # (rows, sbk, 16)
@@ -166,7 +173,7 @@ def gguf_block_params(gtype: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarr
         s, m = _q4k_scale_min(sb[..., 4:16])
         scale = (d[..., None] * s).reshape(rows, -1)
         offset = (dmin[..., None] * m).reshape(rows, -1)
-        return scale, np.divide(offset, scale, out=np.zeros_like(scale), where=scale != 0)
+        return _float_zp(scale, offset)
     raise KeyError(gtype)
 
 

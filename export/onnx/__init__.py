@@ -48,9 +48,7 @@ def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requant
     quant = None
     if dtype == "int4":
         quant = {n: streamer.quant_spec(n) for n, v in model.graph.initializers.items()
-                 if len(v.shape or ()) == 2 and n.endswith(".weight") and n != "model.embed_tokens.weight"}
-        if cfg.tie_word_embeddings:
-            quant["model.embed_tokens.weight"] = streamer.quant_spec("model.embed_tokens.weight")
+                 if len(v.shape or ()) == 2 and n.endswith(".weight")}
     uses = lower_linears(model, quant, accuracy_level=accuracy_level)
     streamer.attach(uses)
     t_trace = time.perf_counter() - t0

@@ -140,9 +140,10 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
                               name=f"{w.name}/MatMulNBits")
                 _replace(g, mm, new)
             uses[w.name] = WeightUse(w.name, "quantized", [b, sc, zp], spec)
-            if gathered:  # the embedding gather still needs the float table
-                uses[w.name].outputs.insert(0, w)
-                uses[w.name].kind = "quantized+plain"
+            if gathered:  # tied: the embedding gathers from the head's quantized blocks (stored once)
+                if not _gather_quantized(g, w, spec, (b, sc, zp)):
+                    uses[w.name].outputs.insert(0, w)  # float zero points: GatherBlockQuantized can't; keep floats
+                    uses[w.name].kind = "quantized+plain"
         elif gathered or w.shape[0] > 65536:
             # Tied head: share the embedding table. Any vocab-wide head: keep (V, H) rows so the exporter can
             # stream it in row blocks instead of transposing a multi-GB matrix in memory.
@@ -157,11 +158,57 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
                 mm.replace_input_with(1, wt)
             uses[wt.name] = WeightUse(wt.name, "transposed", [wt])
         g.remove(node, safe=True)
+    emb = g.initializers.get("model.embed_tokens.weight")
+    spec = quant.get("model.embed_tokens.weight") if quant else None
+    if emb is not None and spec is not None and uses["model.embed_tokens.weight"].kind == "plain" \
+            and not spec.float_zp:
+        v, h = emb.shape[0], emb.shape[1]
+        shapes = spec.shapes(v, h)
+        nb = shapes["B"][1]
+        outs = (_initializer(f"{emb.name}.q{spec.bits}", ir.DataType.UINT8, (v, nb * shapes["B"][2])),
+                _initializer(f"{emb.name}.scales", emb.dtype, (v, nb)),
+                _initializer(f"{emb.name}.zero_points", ir.DataType.UINT8, (v, shapes["zero_points"][0] // v)))
+        for o in outs:
+            g.register_initializer(o)
+        _gather_quantized(g, emb, spec, outs, reshape=False)
+        uses[emb.name] = WeightUse(emb.name, "quantized", list(outs), spec)
     for name, v in list(g.initializers.items()):
         if not v.uses() and not v.is_graph_output():
             g.initializers.pop(name)
     live = set(g.initializers)
     return {n: u for n, u in uses.items() if all(o.name in live for o in u.outputs)}
+
+
+def _gather_quantized(g: ir.Graph, table: ir.Value, spec: QuantSpec, packed: tuple[ir.Value, ...],
+                      reshape: bool = True) -> bool:
+    """Gather(table, ids) -> GatherBlockQuantized over block-quantized rows (4- or 8-bit, uint8 zero points).
+
+    With `reshape`, `packed` are a MatMulNBits' (B, scales, zero_points) and are viewed as (V, ·) by Reshape
+    nodes, so a tied embedding and head share one copy on disk."""
+    if spec.float_zp:
+        return False
+    v, h = table.shape[0], table.shape[1]
+    data, scales, zps = packed
+    if reshape:
+        nb = -(-h // spec.block)
+        views = []
+        for x, cols in ((data, nb * spec.block * spec.bits // 8), (scales, nb),
+                        (zps, nb if spec.bits == 8 else -(-nb // 2))):
+            shp = ir.Value(name=f"{x.name}.gather_shape", const_value=ir.tensor([v, cols], dtype=ir.DataType.INT64))
+            g.register_initializer(shp)
+            views.append(_node("", "Reshape", [x, shp], name=f"{x.name}/as_table"))
+        data, scales, zps = (n.outputs[0] for n in views)
+    else:
+        views = []
+    for gather in [u for u, _ in table.uses() if u.op_type == "Gather"]:
+        for n in views:
+            if n.graph is None:
+                g.insert_before(gather, n)
+        new = _node(MS_DOMAIN, "GatherBlockQuantized", [data, gather.inputs[1], scales, zps],
+                    {"gather_axis": 0, "quantize_axis": 1, "block_size": spec.block, "bits": spec.bits},
+                    name=f"{table.name}/GatherBlockQuantized")
+        _replace(g, gather, new)
+    return True
 
 
 def _node(domain: str, op: str, inputs, attrs: dict | None = None, name: str | None = None) -> ir.Node:
