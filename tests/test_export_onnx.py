@@ -1,0 +1,191 @@
+"""ONNX export of tiny random models: ONNX Runtime (CPU) against the PyTorch reference, per dtype.
+
+Each case exports through the real pipeline (trace on meta, streamed weights, parity gate), then the test runs its
+own comparison on a left-padded batch of 2 over prefill + 4 decode steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.onnx import ParityError, export_onnx, reference_model
+from export.onnx.verify import check_parity, session
+from export.quant import QuantSpec, quantize_rtn
+from export.tolerances import TINY
+from qwen2_ref.checkpoint import open_checkpoint, resolve_checkpoint
+from qwen2_ref.errors import Qwen2Error
+
+PROMPTS = [[5, 9, 200, 31, 77, 12, 400, 3, 3, 8, 51], [8, 1, 3, 99, 7]]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """name, dtype -> (checkpoint, folder, report); each exported once per module."""
+    root = tmp_path_factory.mktemp("exports")
+    cache = {}
+
+    def get(name, dtype):
+        if (name, dtype) not in cache:
+            ckpt = resolve_checkpoint(name, random_weights=True)
+            out = root / f"{name}-{dtype}"
+            report = export_onnx(ckpt, out, dtype, tolerance=TINY[dtype], gate_batch=2)
+            cache[name, dtype] = (ckpt, out, report)
+        return cache[name, dtype]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-untied", "tiny-yarn"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int4"])
+def test_export_matches_reference(exports, name, dtype):
+    ckpt, out, report = exports(name, dtype)
+    sess = session(out)
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    tol = TINY[dtype]
+    p = check_parity(sess, reference_model(ckpt), PROMPTS, decode_steps=4, tolerance=tol)
+    assert p.max_abs_logits <= tol.max_abs_logits, p
+    assert p.top1_agreement >= tol.min_top1_agreement, p
+    assert len(p.per_step_max_abs) == 5
+    assert report["parity"]["passed"] and report["parity"]["max_abs_logits"] <= tol.max_abs_logits
+    if dtype == "fp32":
+        assert p.greedy_agreement == 1.0
+
+
+def test_output_folder_contents(exports):
+    ckpt, out, report = exports("tiny", "int4")
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "config.json", "generation_config.json", "genai_config.json",
+            "export_report.json"} <= names
+    rep = json.loads((out / "export_report.json").read_text())
+    assert rep["dtype"] == "int4" and rep["opset"] == 21 and rep["parity"]["passed"]
+    assert "com.microsoft::MatMulNBits" in rep["custom_ops"] and "com.microsoft::GatherBlockQuantized" in rep["custom_ops"]
+    assert rep["wall_s"] > 0 and rep["peak_rss_mib"] > 0
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir()), "temporary folders left behind"
+
+
+def test_graph_io_names_and_dynamic_axes(exports):
+    _, out, _ = exports("tiny-untied", "fp32")
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ins = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output}
+    assert ins["input_ids"] == ["batch_size", "sequence_length"]
+    assert ins["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert ins["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert outs["logits"] == ["batch_size", "sequence_length", 512]
+    assert outs["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
+    # weights live in external data under the reference's names; no Transpose left on a weight
+    inits = {i.name for i in m.graph.initializer}
+    assert "model.layers.0.self_attn.q_proj.weight" in inits and "model.layers.0.self_attn.q_proj.bias" in inits
+    by_output = {o: n for n in m.graph.node for o in n.output}
+    assert not any(n.op_type == "Transpose" and n.input[0] in inits for n in m.graph.node)
+
+
+def test_tied_int4_stores_head_once(exports):
+    _, out, _ = exports("tiny", "int4")
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    names = [i.name for i in m.graph.initializer]
+    assert "model.embed_tokens.weight" not in names  # no float table
+    assert names.count("model.embed_tokens.weight.q4") == 1
+    big = [i for i in m.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert sum("embed_tokens" in i.name for i in big) == 3  # blocks, scales, zero points: one set
+
+
+def test_parity_failure_leaves_nothing(tmp_path):
+    ckpt = resolve_checkpoint("tiny", random_weights=True)
+    out = tmp_path / "never"
+    from export.tolerances import Tolerance
+
+    with pytest.raises(ParityError, match="parity gate failed"):
+        export_onnx(ckpt, out, "int4", tolerance=Tolerance(1e-9, 1.0))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused_without_overwrite(tmp_path):
+    ckpt = resolve_checkpoint("tiny", random_weights=True)
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(Qwen2Error, match="exists; pass --overwrite"):
+        export_onnx(ckpt, out, "fp32", tolerance=TINY["fp32"])
+    assert (out / "keep.txt").read_text() == "mine"
+    export_onnx(ckpt, out, "fp32", tolerance=TINY["fp32"], overwrite=True)
+    assert (out / "model.onnx").exists() and not (out / "keep.txt").exists()
+
+
+def test_hf_checkpoint_export_matches_transformers_weights(make_hf_checkpoint, tmp_path):
+    folder, hf = make_hf_checkpoint("tiny-untied", max_shard_size="100KB", dtype=torch.bfloat16)
+    ckpt = open_checkpoint(folder)
+    out = tmp_path / "hf-export"
+    report = export_onnx(ckpt, out, "fp32", tolerance=TINY["fp32"])
+    assert report["parity"]["max_abs_logits"] <= TINY["fp32"].max_abs_logits
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    from export.onnx.verify import empty_past, ort_step
+
+    sess = session(out)
+    got, _ = ort_step(sess, ids, np.ones_like(ids), np.arange(8)[None], empty_past(sess, 1))
+    want = hf.to(torch.bfloat16).float()(torch.from_numpy(ids)).logits.detach().numpy()
+    # these transformers weights are larger (N(0, 0.08)) than RandomSource's, so logits reach ~10: compare relative
+    assert np.abs(got - want).max() <= TINY["fp32"].max_abs_logits * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, 32), QuantSpec(8, 16), QuantSpec(4, 32, True)])
+def test_matmulnbits_packing_matches_dequantized_weights(spec):
+    """Our packing, run by ORT's MatMulNBits kernel, equals x @ dequant(W)ᵀ computed in numpy."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=g)
+    q = quantize_rtn(w, QuantSpec(spec.bits, spec.block))
+    if spec.float_zp:
+        q.zero_points = q.zero_points.astype(np.float32) + 0.25
+        q.spec = spec
+    packed = q.pack()
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zp"], ["y"], domain="com.microsoft", K=96, N=48,
+                            bits=spec.bits, block_size=spec.block, accuracy_level=0)
+    inits = [numpy_helper.from_array(packed["B"], "B"), numpy_helper.from_array(packed["scales"], "scales"),
+             numpy_helper.from_array(packed["zero_points"], "zp")]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 96, generator=g).numpy()
+    y = sess.run(None, {"x": x})[0]
+    assert np.abs(y - x @ q.dequantize().T).max() <= 1e-4
+    # and the quantization itself is close to the float weights
+    assert np.abs(q.dequantize() - w.numpy()).mean() <= (0.1 if spec.bits == 4 else 0.01) * w.abs().mean().item() * 3
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True, text=True)
+
+    r = run("onnx", "--size", "9b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "'9b' is not one of" in r.stderr
+    r = run("onnx", "--checkpoint", str(tmp_path / "nope.gguf"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope.gguf'}: no such file or folder " \
+                                                      "(expected a Hugging Face folder or a .gguf file)"
+    (tmp_path / "out").mkdir()
+    r = run("onnx", "--size", "7b", "--random-weights", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr and "Traceback" not in r.stderr
+    r = run("onnx", "--size", "0.5b", "--device", "iphone-15-pro")
+    assert r.returncode == 2 and "runs Core ML, not ONNX" in r.stderr
+
+
+def test_plan_prints_table():
+    r = subprocess.run([sys.executable, "-m", "export", "plan", "--size", "7b", "--device", "jetson-orin"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "int4" in r.stdout and "32768" in r.stdout and "yes" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "export", "plan", "--size", "72b", "--device", "l4", "--dtype", "fp16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "NO" in r.stdout and "overrides device profile l4" not in r.stderr
