@@ -129,6 +129,11 @@ def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: in
         raise Qwen2Error(f"--max-context {context} exceeds the model's max_position_embeddings "
                          f"{cfg.max_position_embeddings}; configure YaRN or DCA for longer contexts")
     validate(ckpt.source, cfg)  # names and shapes, before any work
+    if verify:
+        need, have = gate_memory_bytes(cfg, dtype), available_memory_bytes()
+        if have is not None and need > have:
+            raise Qwen2Error(f"the parity gate needs about {need / 2**30:.0f} GiB of memory, {have / 2**30:.0f} GiB "
+                             "is available: pass --no-verify to export without it (the report will say so)")
     tol = tolerance or GATE[dtype]
     t0 = time.perf_counter()
     report: dict = {"format": "onnx", "size": ckpt.size, "model_type": cfg.model_type, "dtype": dtype,
@@ -154,18 +159,40 @@ def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: in
     return report
 
 
+def gate_layers(cfg) -> int | None:
+    """None: the gate checks the full model; else the number of leading layers it checks."""
+    return None if cfg.num_parameters() * 4 <= FULL_REFERENCE_MAX_BYTES else 2
+
+
+def gate_memory_bytes(cfg, dtype: str) -> int:
+    """Reference in fp32 plus an ONNX Runtime session of the gated model, plus working room."""
+    layers = gate_layers(cfg)
+    ref = (cfg if layers is None else cfg.replace(num_hidden_layers=layers)).num_parameters() * 4
+    return int(ref * (1 + {"fp32": 1.0, "fp16": 0.5, "int4": 0.35}[dtype]) + 2**30)
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _gate(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool, tol: Tolerance,
           batch: int) -> dict:
     cfg = ckpt.config
     full_bytes = cfg.num_parameters() * 4
     prompts = gate_prompts(ckpt, batch)
-    if full_bytes <= FULL_REFERENCE_MAX_BYTES:
+    if gate_layers(cfg) is None:
         status("verifying against the reference (ONNX Runtime vs PyTorch) ...")
         ref = reference_model(ckpt)
         p = check_parity(session(folder), ref, prompts, GATE_DECODE_STEPS, tol)
         result = p.to_dict() | {"scope": "full model"}
     else:
-        layers = 2
+        layers = gate_layers(cfg)
         status(f"verifying a {layers}-layer truncation (the full fp32 reference would need "
                f"{full_bytes / 2**30:.0f} GiB) ...")
         import tempfile
