@@ -90,15 +90,27 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec = RTN4) -> Quantized:
     if nb * b != k:
         w = torch.nn.functional.pad(w, (0, nb * b - k))
     blocks = w.reshape(n, nb, b)
-    lo = blocks.amin(-1).clamp(max=0.0)
-    hi = blocks.amax(-1).clamp(min=0.0)
-    qmax = (1 << spec.bits) - 1
+    codes = torch.empty(n, nb, b, dtype=torch.uint8)
+    scales = torch.empty(n, nb)
+    zeros = torch.empty(n, nb, dtype=torch.uint8)
+    rows = max(1, (1 << 18) // (nb * b))  # ~1 MB of floats per step: every pass below stays in cache
+    for r in range(0, n, rows):
+        q, s, z = _rtn_rows(blocks[r:r + rows], (1 << spec.bits) - 1)
+        codes[r:r + rows], scales[r:r + rows], zeros[r:r + rows] = q, s, z
+    return Quantized(codes.reshape(n, nb * b)[:, :k].numpy(), scales.numpy(), zeros.numpy(), spec)
+
+
+def _rtn_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo = x.amin(-1).clamp_(max=0.0)
+    hi = x.amax(-1).clamp_(min=0.0)
     best_err = best_s = best_z = None
+    q = torch.empty_like(x)
     for f in _SHRINK:
-        s = ((hi - lo) * f / qmax).clamp(min=1e-12)
-        z = torch.round(-lo * f / s).clamp(0, qmax)
-        q = torch.clamp(torch.round(blocks / s[..., None] + z[..., None]), 0, qmax)
-        err = ((q - z[..., None]) * s[..., None] - blocks).pow(2).sum(-1)
+        s = ((hi - lo) * (f / qmax)).clamp_(min=1e-12)
+        z = torch.round(-lo * f / s).clamp_(0, qmax)
+        torch.div(x, s[..., None], out=q)
+        q.add_(z[..., None]).round_().clamp_(0, qmax).sub_(z[..., None]).mul_(s[..., None]).sub_(x)
+        err = q.square_().sum(-1)
         if best_err is None:
             best_err, best_s, best_z = err, s, z
         else:
@@ -106,9 +118,9 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec = RTN4) -> Quantized:
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, s, best_s)
             best_z = torch.where(better, z, best_z)
-    q = torch.clamp(torch.round(blocks / best_s[..., None] + best_z[..., None]), 0, qmax)
-    codes = q.reshape(n, nb * b)[:, :k].to(torch.uint8).numpy()
-    return Quantized(codes, best_s.numpy().astype(np.float32), best_z.to(torch.uint8).numpy(), spec)
+    torch.div(x, best_s[..., None], out=q)
+    q.add_(best_z[..., None]).round_().clamp_(0, qmax)
+    return q.to(torch.uint8), best_s, best_z.to(torch.uint8)
 
 
 # ---- carried over from GGUF blocks -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from qwen2_ref.config import ModelArgs
 from qwen2_ref.model import Qwen2ForCausalLM
 
 from ..quant import QuantSpec
+from . import custom_ops
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -57,8 +58,10 @@ def trace(cfg: ModelArgs, dtype: str) -> ir.Model:
     D = torch.export.Dim.DYNAMIC
     shapes = ({0: D, 1: D}, {0: D, 1: D}, {0: D, 1: D}, ({0: D, 2: D},) * (2 * L))
     prog = torch.onnx.export(_Step(model), args, dynamo=True, optimize=False, opset_version=OPSET,
-                             input_names=ins, output_names=outs, dynamic_shapes=shapes, verbose=False)
+                             input_names=ins, output_names=outs, dynamic_shapes=shapes, verbose=False,
+                             custom_translation_table=custom_ops.translation_table())
     m = prog.model
+    custom_ops.attach_functions(m)
     _strip_prefix(m.graph, "m.")
     if cfg.tie_word_embeddings:
         m.graph.initializers["lm_head.weight"].name = "model.embed_tokens.weight"
