@@ -44,7 +44,8 @@ def run_case(case: str, workdir: Path) -> dict:
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        return {"label": label, "dtype": dtype, "error": proc.stderr.strip().splitlines()[-2:]}
+        errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        return {"label": label, "dtype": dtype, "error": errs[-1:] or proc.stderr.strip().splitlines()[-2:-1]}
     rep = json.loads((out / "export_report.json").read_text())
     par = rep["parity"]
     row = {"label": label, "dtype": dtype, "wall_s": wall, "export_rss_mib": rep["export_peak_rss_mib"],

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qwen2_ref.checkpoint import RANDOM_MARK  # noqa: E402
 from qwen2_ref.config import SIZES, from_name  # noqa: E402
 from qwen2_ref.progress import track  # noqa: E402
 from qwen2_ref.weights import RandomSource  # noqa: E402
@@ -48,7 +49,7 @@ def write_random_checkpoint(cfg, out: Path, dtype: torch.dtype, shard_bytes: int
         del tensors
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=1))
-    hf = cfg.to_hf_config() | {"torch_dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16",
+    hf = cfg.to_hf_config() | {RANDOM_MARK: True, "torch_dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16",
                                                 torch.float32: "float32"}[dtype]}
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     return out

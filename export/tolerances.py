@@ -15,12 +15,17 @@ class Tolerance:
     min_top1_agreement: float  # floor on arg-max agreement over compared positions
 
 
-# Tiny random test models (logits of order 1).
+# Tiny random test models (logits of order 1). Against the float reference, int4 holds a logit bound only: tiny
+# random logits have margins below the quantization noise, so their arg-max says nothing. int4's arg-max and a
+# tight bound are checked against the reference running the same dequantized weights instead (next constant).
 TINY = {
     "fp32": Tolerance(1e-4, 1.0),
     "fp16": Tolerance(2e-2, 0.9),
-    "int4": Tolerance(0.5, 0.6),
+    "int4": Tolerance(0.5, 0.0),
 }
+# int4 export vs the reference with its weights replaced by their dequantized int4 values: what remains is
+# MatMulNBits' int8 activation quantization (accuracy_level 4) and float rounding.
+TINY_INT4_DEQUANTIZED = Tolerance(1e-2, 0.9)
 
 # Real checkpoints (logits of order 10-30; 24+ layers of accumulated rounding). The gate of every export.
 GATE = {

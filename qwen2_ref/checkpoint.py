@@ -17,12 +17,17 @@ from .tokenizer import Tokenizer
 from .weights import GGUFSource, RandomSource, SafetensorsSource, WeightSource, load_into
 
 
+# config.json key that marks a checkpoint of generated random weights (bench/make_checkpoint.py writes it)
+RANDOM_MARK = "qwen2_export_random_weights"
+
+
 @dataclass
 class Checkpoint:
     path: Path
     config: ModelArgs
     source: WeightSource
     kind: str  # "hf" | "gguf" | "random"
+    random_weights: bool = False  # a generated checkpoint (kind "random", or written by bench/make_checkpoint.py)
 
     @property
     def size(self) -> str | None:
@@ -89,7 +94,8 @@ def _open_hf(folder: Path, source: WeightSource | None) -> Checkpoint:
         cfg = ModelArgs.from_hf_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{cfg_path}: {e}") from None
-    return Checkpoint(folder, cfg, source or SafetensorsSource(folder), "hf")
+    marked = bool(raw.get(RANDOM_MARK))
+    return Checkpoint(folder, cfg, source or SafetensorsSource(folder), "hf", random_weights=marked)
 
 
 def _open_gguf(path: Path) -> Checkpoint:
@@ -133,7 +139,7 @@ def resolve_checkpoint(size: str | None = None, checkpoint: str | Path | None = 
         raise ConfigError("pass --size or --checkpoint")
     cfg = from_name(size, variant)
     if random_weights:
-        return Checkpoint(Path(f"<random {size}>"), cfg, RandomSource(cfg), "random")
+        return Checkpoint(Path(f"<random {size}>"), cfg, RandomSource(cfg), "random", random_weights=True)
     if size == "0.5b":
         return open_checkpoint(hub.fetch_real_model())
     found = hub.find_in_hf_cache(size)

@@ -15,10 +15,10 @@ import onnx
 import pytest
 import torch
 
-from export.onnx import ParityError, export_onnx, reference_model
+from export.onnx import ParityError, dequantized_reference, export_onnx, reference_model
 from export.onnx.verify import check_parity, session
 from export.quant import QuantSpec, quantize_rtn
-from export.tolerances import TINY
+from export.tolerances import TINY, TINY_INT4_DEQUANTIZED
 from qwen2_ref.checkpoint import open_checkpoint, resolve_checkpoint
 from qwen2_ref.errors import Qwen2Error
 
@@ -56,6 +56,10 @@ def test_export_matches_reference(exports, name, dtype):
     assert report["parity"]["passed"] and report["parity"]["max_abs_logits"] <= tol.max_abs_logits
     if dtype == "fp32":
         assert p.greedy_agreement == 1.0
+    if dtype == "int4":
+        d = check_parity(sess, dequantized_reference(ckpt, report), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+        assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+        assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d
 
 
 def test_output_folder_contents(exports):

@@ -55,7 +55,8 @@ def MoE(X, router_logits, gate_proj, up_proj, down_proj, top_k: int, normalize: 
     topv = op.Where(norm, op.Div(topv, op.ReduceSum(topv, op.Constant(value_ints=[-1]), keepdims=1)), topv)
     w = op.CastLike(topv, X)
     zero = op.CastLike(op.Constant(value_float=0.0), X)
-    out = op.Mul(X, zero)
+    out = op.Mul(op.Cast(X, to=1), op.Constant(value_float=0.0))  # accumulate in fp32 (and ORT's CPU ScatterND
+    # has no fp16 'add')
     n_exp = op.Squeeze(op.Shape(gate_proj, start=0, end=1))
     for e in range(n_exp):
         sel = op.Equal(topi, e)  # (N, k): where token n chose expert e
@@ -69,12 +70,12 @@ def MoE(X, router_logits, gate_proj, up_proj, down_proj, top_k: int, normalize: 
             u = op.MatMul(xs, op.Transpose(op.Gather(up_proj, e, axis=0), perm=[1, 0]))
             h = op.Mul(op.Mul(g, op.Sigmoid(g)), u)
             y = op.MatMul(h, op.Transpose(op.Gather(down_proj, e, axis=0), perm=[1, 0]))
-            updated = op.ScatterND(out, op.Unsqueeze(rows, op.Constant(value_ints=[1])), op.Mul(y, we),
-                                   reduction="add")
+            updated = op.ScatterND(out, op.Unsqueeze(rows, op.Constant(value_ints=[1])),
+                                   op.Cast(op.Mul(y, we), to=1), reduction="add")
         else:
             updated = op.Identity(out)
         out = op.Identity(updated)
-    return out
+    return op.CastLike(out, X)
 
 
 @onnxscript.script(qwen2, default_opset=op)

@@ -76,19 +76,24 @@ class WeightStreamer:
                 return GGUF_EXACT[gtype][2]
         return QuantSpec(bits=4, block=32)
 
-    def quantize(self, param: str, spec: QuantSpec) -> dict[str, np.ndarray]:
+    def _quantized_blocks(self, param: str, spec: QuantSpec):
         n = self.n_rows(param)
-        parts = []
         for r in range(0, n, ROW_BLOCK):
             e = min(n, r + ROW_BLOCK)
             w = self.rows(param, r, e)
             if spec.source != "rtn":
                 gtype, raw = self.source.raw(param)
-                q = quantize_from_gguf(gtype, raw[r:e], w.numpy())
+                yield quantize_from_gguf(gtype, raw[r:e], w.numpy())
             else:
-                q = quantize_rtn(w, spec)
-            parts.append(q.pack())
+                yield quantize_rtn(w, spec)
+
+    def quantize(self, param: str, spec: QuantSpec) -> dict[str, np.ndarray]:
+        parts = [q.pack() for q in self._quantized_blocks(param, spec)]
         return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+    def quantize_objects(self, param: str, spec: QuantSpec) -> np.ndarray:
+        """The dequantized values of what `quantize` writes (for checking an export against them)."""
+        return np.concatenate([q.dequantize() for q in self._quantized_blocks(param, spec)], axis=0)
 
     # -- attaching ----------------------------------------------------------------------------------------------
     def attach(self, uses: dict[str, WeightUse]) -> None:

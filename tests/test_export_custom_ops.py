@@ -1,0 +1,122 @@
+"""MoE and Dual Chunk Attention through ONNX (our `qwen2` domain, function bodies) against the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.onnx import dequantized_reference, export_onnx, reference_model
+from export.onnx.verify import check_parity, empty_past, ort_step, session
+from export.tolerances import TINY, TINY_INT4_DEQUANTIZED
+from qwen2_ref.checkpoint import Checkpoint
+from qwen2_ref.config import RopeScaling, from_name
+from qwen2_ref.weights import RandomSource
+
+MOE = from_name("tiny-moe")
+DCA = from_name("tiny-dca")  # chunk 16, local 4: s = 12
+S = DCA.dual_chunk_attention_config.chunk_len
+
+
+def random_ckpt(cfg, label):
+    return Checkpoint(Path(f"<random {label}>"), cfg, RandomSource(cfg), "random", random_weights=True)
+
+
+def tokens(n, seed, vocab=512):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("custom")
+    cache = {}
+
+    def get(cfg, label, dtype="fp32"):
+        if (label, dtype) not in cache:
+            ckpt = random_ckpt(cfg, label)
+            out = root / f"{label}-{dtype}"
+            report = export_onnx(ckpt, out, dtype, tolerance=TINY[dtype], gate_batch=2)
+            cache[label, dtype] = (ckpt, out, report)
+        return cache[label, dtype]
+
+    return get
+
+
+MOE_CASES = {
+    "moe": MOE,
+    "moe-norm": MOE.replace(norm_topk_prob=True),
+    "moe-step2-mlp-only": MOE.replace(decoder_sparse_step=2, mlp_only_layers=(3,)),
+}
+
+
+@pytest.mark.parametrize("label", list(MOE_CASES))
+def test_moe_fp32(export, label):
+    ckpt, out, _ = export(MOE_CASES[label], label)
+    sess = session(out)
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    p = check_parity(sess, reference_model(ckpt), [tokens(13, 1), tokens(6, 2)], 4, TINY["fp32"])
+    assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    sparse = sum(MOE_CASES[label].is_sparse_layer(i) for i in range(MOE.num_hidden_layers))
+    assert sum(n.op_type == "MoE" and n.domain == "qwen2" for n in m.graph.node) == sparse
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int4"])
+def test_moe_lower_precisions(export, dtype):
+    ckpt, out, report = export(MOE, "moe", dtype)
+    tol = TINY[dtype]
+    prompts = [tokens(13, 1), tokens(6, 2)]
+    p = check_parity(session(out), reference_model(ckpt), prompts, 4, tol)
+    assert p.max_abs_logits <= tol.max_abs_logits and p.top1_agreement >= tol.min_top1_agreement, p
+    if dtype == "int4":  # experts stay float in the function form; attention/MLP/head are int4
+        d = check_parity(session(out), dequantized_reference(ckpt, report), prompts, 4, TINY_INT4_DEQUANTIZED)
+        assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+        assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d
+
+
+DCA_CASES = {"dca": DCA, "dca-yarn": DCA.replace(rope_scaling=RopeScaling("yarn", 4.0, 32))}
+
+
+@pytest.mark.parametrize("label", list(DCA_CASES))
+def test_dca_long_prompt_and_decode_past_chunk_boundaries(export, label):
+    cfg = DCA_CASES[label]
+    ckpt, out, _ = export(cfg, label)
+    # 5 chunks + 10 tokens of prompt, then 8 decode steps that cross the boundary at 6s
+    prompts = [tokens(5 * S + 10, 3), tokens(3 * S + 1, 4)]
+    p = check_parity(session(out), reference_model(ckpt), prompts, 8, TINY["fp32"])
+    assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
+
+
+def test_dca_chunked_prefill_in_ort_matches_one_shot_reference(export):
+    ckpt, out, _ = export(DCA, "dca")
+    sess = session(out)
+    ids = tokens(6 * S + 5, 7)
+    ref, _ = reference_model(ckpt)(torch.tensor([ids]))
+    past, got = empty_past(sess, 1), []
+    for s in range(0, len(ids), 10):  # chunks of 10 do not align with s = 12
+        chunk = np.array([ids[s:s + 10]])
+        e = s + chunk.shape[1]
+        logits, past = ort_step(sess, chunk, np.ones((1, e), dtype=np.int64), np.arange(s, e)[None], past)
+        got.append(logits)
+    got = np.concatenate(got, axis=1)
+    assert np.abs(got - ref.detach().numpy()).max() <= TINY["fp32"].max_abs_logits
+
+
+def test_dca_fp16(export):
+    ckpt, out, _ = export(DCA, "dca", "fp16")
+    p = check_parity(session(out), reference_model(ckpt), [tokens(5 * S + 2, 5)], 4, TINY["fp16"])
+    assert p.max_abs_logits <= TINY["fp16"].max_abs_logits, p
+
+
+@pytest.mark.parametrize("label", ["moe", "dca"])
+def test_checker_and_shape_inference_accept_our_domain(export, label):
+    _, out, _ = export(MOE if label == "moe" else DCA, label)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    fns = {(f.domain, f.name) for f in m.functions}
+    assert fns == {("qwen2", "MoE" if label == "moe" else "DualChunkAttention")}
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True)
+    assert inferred.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
