@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
@@ -57,6 +56,3 @@ def status(msg: str) -> None:
     if not _quiet():
         console.print(msg)
 
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()

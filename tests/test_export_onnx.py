@@ -89,7 +89,6 @@ def test_graph_io_names_and_dynamic_axes(exports):
     # weights live in external data under the reference's names; no Transpose left on a weight
     inits = {i.name for i in m.graph.initializer}
     assert "model.layers.0.self_attn.q_proj.weight" in inits and "model.layers.0.self_attn.q_proj.bias" in inits
-    by_output = {o: n for n in m.graph.node for o in n.output}
     assert not any(n.op_type == "Transpose" and n.input[0] in inits for n in m.graph.node)
 
 

@@ -96,8 +96,7 @@ def dequantized_reference(ckpt: Checkpoint, report: dict, num_layers: int | None
             if name not in params:
                 continue
             spec = QuantSpec(q["bits"], q["block"], q["from"] in ("Q4_1", "Q4_K"), q["from"])
-            packed_rows = streamer.quantize_objects(name, spec)
-            params[name].copy_(torch.from_numpy(packed_rows))
+            params[name].copy_(torch.from_numpy(streamer.dequantized(name, spec)))
     return model
 
 
@@ -108,9 +107,8 @@ class _Truncated:
         from qwen2_ref.weights import expected_tensors
 
         self._src, self.path = source, source.path
-        self._names = [n for n in expected_tensors(cfg) if n in set(source.names())]
-        if not cfg.tie_word_embeddings and "lm_head.weight" in source.names():
-            pass
+        have = set(source.names())
+        self._names = [n for n in expected_tensors(cfg) if n in have]
 
     def names(self):
         return self._names

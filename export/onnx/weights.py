@@ -91,7 +91,7 @@ class WeightStreamer:
         parts = [q.pack() for q in self._quantized_blocks(param, spec)]
         return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 
-    def quantize_objects(self, param: str, spec: QuantSpec) -> np.ndarray:
+    def dequantized(self, param: str, spec: QuantSpec) -> np.ndarray:
         """The dequantized values of what `quantize` writes (for checking an export against them)."""
         return np.concatenate([q.dequantize() for q in self._quantized_blocks(param, spec)], axis=0)
 
