@@ -121,8 +121,10 @@ class WeightStreamer:
                 yield self.rows(param, 0, self.n_rows(param)).T.contiguous().numpy().astype(dt)
                 return
             n = self.n_rows(param)
-            for r in range(0, n, ROW_BLOCK):
-                yield self.rows(param, r, min(n, r + ROW_BLOCK)).numpy().astype(dt)
+            # rows of a stacked expert tensor are whole experts: one at a time
+            step = ROW_BLOCK if len(shape) <= 2 else max(1, ROW_BLOCK // int(np.prod(shape[1:-1])))
+            for r in range(0, n, step):
+                yield self.rows(param, r, min(n, r + step)).numpy().astype(dt)
 
         value.const_value = StreamedTensor(blocks, value.dtype, shape, value.name)
 
