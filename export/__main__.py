@@ -43,7 +43,8 @@ def cli() -> None:
               help="int4 from a GGUF: re-quantize every weight to 4 bits instead of carrying its blocks over.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity gate (the report says so).")
-def onnx(size, checkpoint, dtype, device, out, max_context, random_weights, requantize, overwrite, no_verify):
+@click.option("--fused", is_flag=True, help="Lower to ONNX Runtime's fused kernels (SimplifiedLayerNormalization).")
+def onnx(size, checkpoint, dtype, device, out, max_context, random_weights, requantize, overwrite, no_verify, fused):
     """Export to ONNX (ONNX Runtime CPU/CUDA)."""
     from qwen2_ref.checkpoint import resolve_checkpoint
 
@@ -60,7 +61,7 @@ def onnx(size, checkpoint, dtype, device, out, max_context, random_weights, requ
     name = ckpt.size or Path(str(checkpoint or size)).stem
     out = Path(out) if out else Path("exports") / f"qwen2-{name}-{dtype}"
     export_onnx(ckpt, out, dtype, context=context, verify=not no_verify, overwrite=overwrite,
-                requantize=requantize, device_profile=device)
+                requantize=requantize, device_profile=device, fused=fused)
 
 
 @cli.command()

@@ -192,3 +192,15 @@ def test_plan_prints_table():
     r = subprocess.run([sys.executable, "-m", "export", "plan", "--size", "72b", "--device", "l4", "--dtype", "fp16"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "NO" in r.stdout and "overrides device profile l4" not in r.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fused_norms_match_reference(tmp_path, name, dtype):
+    """--fused: every RMSNorm becomes ONNX Runtime's SimplifiedLayerNormalization; same parity as the plain form."""
+    ckpt = resolve_checkpoint(name, random_weights=True)
+    report = export_onnx(ckpt, tmp_path / "fused", dtype, tolerance=TINY[dtype], fused=True)
+    n_norms = 2 * ckpt.config.num_hidden_layers + 1
+    assert report["ops"].get("SimplifiedLayerNormalization") == n_norms and "Pow" not in report["ops"]
+    p = check_parity(session(tmp_path / "fused"), reference_model(ckpt), PROMPTS, 4, TINY[dtype])
+    assert p.max_abs_logits <= TINY[dtype].max_abs_logits and p.top1_agreement >= TINY[dtype].min_top1_agreement, p

@@ -17,6 +17,7 @@ from qwen2_ref.weights import load_into, validate
 
 from ..output import staged_folder
 from ..tolerances import GATE, Tolerance
+from .fuse import fuse_rms_norm
 from .graph import OPSET, lower_linears, ops_histogram, trace
 from .metadata import write_metadata
 from .verify import check_parity, session
@@ -38,7 +39,7 @@ def peak_rss_mib() -> float:
 
 
 def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool = False,
-               num_layers: int | None = None, accuracy_level: int = 4) -> dict:
+               num_layers: int | None = None, accuracy_level: int = 4, fused: bool = False) -> dict:
     """Trace, lower, attach streamed weights and save into `folder`. Returns facts for the report."""
     cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
     t0 = time.perf_counter()
@@ -52,6 +53,7 @@ def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requant
                  # MoE routers stay float: a rounded router logit can pick a different expert
                  and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))}
     uses = lower_linears(model, quant, accuracy_level=accuracy_level)
+    fused_norms = fuse_rms_norm(model) if fused else 0
     streamer.attach(uses)
     t_trace = time.perf_counter() - t0
     model.producer_name, model.producer_version = "qwen2-export", "0.1.0"
@@ -73,7 +75,8 @@ def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requant
     quantized = {u.source: {"bits": u.spec.bits, "block": u.spec.block, "from": u.spec.source}
                  for u in uses.values() if u.spec is not None}
     return {"ops": ops_histogram(model), "trace_s": round(t_trace, 2), "write_s": round(t_write, 2),
-            "initializers": n_init, "quantized": quantized, "layers": cfg.num_hidden_layers}
+            "initializers": n_init, "quantized": quantized, "layers": cfg.num_hidden_layers,
+            "fused": {"SimplifiedLayerNormalization": fused_norms} if fused else None}
 
 
 def reference_model(ckpt: Checkpoint, num_layers: int | None = None):
@@ -132,7 +135,8 @@ def gate_prompts(ckpt: Checkpoint, batch: int = 1) -> list[list[int]]:
 
 def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: int | None = None,
                 verify: bool = True, overwrite: bool = False, requantize: bool = False,
-                tolerance: Tolerance | None = None, gate_batch: int = 1, device_profile: str | None = None) -> dict:
+                tolerance: Tolerance | None = None, gate_batch: int = 1, device_profile: str | None = None,
+                fused: bool = False) -> dict:
     """Export `ckpt` to `out` (model.onnx + external data + metadata + tokenizer + export_report.json).
 
     Writes into a temporary folder beside `out`, runs the parity gate, and only then moves it into place.
@@ -159,7 +163,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: in
                     "device_profile": device_profile, "context": context,
                     "config": cfg.to_hf_config()}
     with staged_folder(out, overwrite) as tmp:
-        report |= build_onnx(ckpt, tmp, dtype, context, requantize)
+        report |= build_onnx(ckpt, tmp, dtype, context, requantize, fused=fused)
         report["custom_ops"] = sorted({k for k in report["ops"] if "::" in k})
         report["custom_op_lowering"] = "function" if any(k.startswith("qwen2::") for k in report["ops"]) else None
         report["export_peak_rss_mib"] = round(peak_rss_mib())
@@ -169,7 +173,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: in
         report["files_mib"] = {p.name: round(p.stat().st_size / 2**20, 2) for p in sorted(tmp.iterdir())}
         if verify:
             report["parity"] = _gate(ckpt, tmp, dtype, context, requantize, tol, gate_batch,
-                                     explicit_tolerance=tolerance is not None)
+                                     explicit_tolerance=tolerance is not None, fused=fused)
         else:
             report["parity"] = {"skipped": "--no-verify"}
         report["wall_s"] = round(time.perf_counter() - t0, 2)
@@ -202,7 +206,7 @@ def available_memory_bytes() -> int | None:
 
 
 def _gate(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool, tol: Tolerance,
-          batch: int, explicit_tolerance: bool = False) -> dict:
+          batch: int, explicit_tolerance: bool = False, fused: bool = False) -> dict:
     cfg = ckpt.config
     # Random weights give near-flat logits whose arg-max is noise: their gate holds the logit bound only,
     # unless the caller chose the tolerance (the tests do, on tiny models where the arg-max is meaningful).
@@ -221,7 +225,7 @@ def _gate(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: 
         import tempfile
 
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gate-") as td:
-            build_onnx(ckpt, Path(td), dtype, context, requantize, num_layers=layers)
+            build_onnx(ckpt, Path(td), dtype, context, requantize, num_layers=layers, fused=fused)
             ref = reference_model(ckpt, layers)
             p = check_parity(session(td), ref, prompts, GATE_DECODE_STEPS, tol, top1)
             del ref
