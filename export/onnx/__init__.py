@@ -89,7 +89,7 @@ def reference_model(ckpt: Checkpoint, num_layers: int | None = None):
 def dequantized_reference(ckpt: Checkpoint, report: dict, num_layers: int | None = None):
     """The reference with every weight an int4 export quantized replaced by its dequantized value: what the
     export computes, up to activation rounding."""
-    from ..quant import QuantSpec
+    from ..quant import GGUF_EXACT, QuantSpec
 
     model = reference_model(ckpt, num_layers)
     streamer = WeightStreamer(ckpt.source, model.config)
@@ -98,7 +98,7 @@ def dequantized_reference(ckpt: Checkpoint, report: dict, num_layers: int | None
         for name, q in report["quantized"].items():
             if name not in params:
                 continue
-            spec = QuantSpec(q["bits"], q["block"], q["from"] in ("Q4_1", "Q4_K"), q["from"])
+            spec = GGUF_EXACT[q["from"]][2] if q["from"] in GGUF_EXACT else QuantSpec(q["bits"], q["block"])
             params[name].copy_(torch.from_numpy(streamer.dequantized(name, spec)))
     return model
 
