@@ -34,6 +34,8 @@ class Checkpoint:
         return size_of(self.config)
 
     def tokenizer(self) -> Tokenizer | None:
+        if self.kind == "random":  # no files behind it (and never a stray tokenizer.json from the cwd)
+            return None
         if self.kind == "gguf":
             return Tokenizer.from_gguf(self.source)
         folder = self.path if self.path.is_dir() else self.path.parent

@@ -13,6 +13,7 @@ import torch
 from qwen2_ref.checkpoint import Checkpoint, empty_model
 from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.progress import console, status
+from qwen2_ref.tokenizer import Tokenizer
 from qwen2_ref.weights import load_into, validate
 
 from ..output import staged_folder
@@ -120,8 +121,7 @@ class _Truncated:
         return getattr(self._src, item)
 
 
-def gate_prompts(ckpt: Checkpoint, batch: int = 1) -> list[list[int]]:
-    tok = ckpt.tokenizer() if ckpt.kind != "random" else None
+def gate_prompts(ckpt: Checkpoint, tok: Tokenizer | None, batch: int = 1) -> list[list[int]]:
     if tok is not None:
         ids = tok.encode(GATE_PROMPT)
     else:
@@ -172,7 +172,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: in
             tok.save(tmp)
         report["files_mib"] = {p.name: round(p.stat().st_size / 2**20, 2) for p in sorted(tmp.iterdir())}
         if verify:
-            report["parity"] = _gate(ckpt, tmp, dtype, context, requantize, tol, gate_batch,
+            report["parity"] = _gate(ckpt, tmp, dtype, context, requantize, tol, gate_batch, tok,
                                      explicit_tolerance=tolerance is not None, fused=fused)
         else:
             report["parity"] = {"skipped": "--no-verify"}
@@ -206,13 +206,13 @@ def available_memory_bytes() -> int | None:
 
 
 def _gate(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool, tol: Tolerance,
-          batch: int, explicit_tolerance: bool = False, fused: bool = False) -> dict:
+          batch: int, tok: Tokenizer | None, explicit_tolerance: bool = False, fused: bool = False) -> dict:
     cfg = ckpt.config
     # Random weights give near-flat logits whose arg-max is noise: their gate holds the logit bound only,
     # unless the caller chose the tolerance (the tests do, on tiny models where the arg-max is meaningful).
     top1 = explicit_tolerance or not ckpt.random_weights
     full_bytes = cfg.num_parameters() * 4
-    prompts = gate_prompts(ckpt, batch)
+    prompts = gate_prompts(ckpt, tok, batch)
     if gate_layers(cfg) is None:
         status("verifying against the reference (ONNX Runtime vs PyTorch) ...")
         ref = reference_model(ckpt)
