@@ -24,6 +24,8 @@ class DeviceProfile:
     default_context: int
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0  # 0: ONNX Runtime's default
+    onnx_lowering: str = "fused"  # ONNX export: "fused" (ORT contrib kernels) or "function" (portable)
+    prefill_chunk: int = 0  # runner: prompt tokens per forward step (bounds attention memory); 0: whole prompt
     coreml_compute_units: str | None = None
     ane_state_multiple: int | None = None
     ane_max_width: int | None = None

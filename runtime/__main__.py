@@ -1,0 +1,98 @@
+"""`python -m runtime generate|bench`: run an export folder through ONNX Runtime."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+import devices
+from qwen2_ref.__main__ import run_cli
+
+
+def session_options(f):
+    f = click.option("--device", type=click.Choice(list(devices.profiles())), default=None,
+                     help="Device profile: providers, threads, prefill chunk.")(f)
+    f = click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None,
+                     help="Execution provider (overrides the profile); cuda falls back to CPU loudly.")(f)
+    f = click.option("--threads", type=click.IntRange(0), default=None, help="Intra-op threads (0: ORT's default).")(f)
+    f = click.option("--prefill-chunk", type=click.IntRange(0), default=None,
+                     help="Prompt tokens per forward step (0: the whole prompt).")(f)
+    f = click.option("--profile", "profile_prefix", default=None,
+                     help="Write ONNX Runtime's JSON profile with this file prefix.")(f)
+    return f
+
+
+def settings_from(device, provider, threads, prefill_chunk, profile_prefix):
+    from .session import SessionSettings
+
+    base = SessionSettings.from_profile(device) if device else SessionSettings()
+    return base.with_(providers=provider, threads=threads, prefill_chunk=prefill_chunk, profile_prefix=profile_prefix)
+
+
+@click.group()
+def cli() -> None:
+    """ONNX Runtime runner for qwen2-export folders."""
+
+
+@cli.command()
+@click.option("--model", "model", required=True, type=click.Path(), help="Export folder (python -m export onnx).")
+@click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--system", default=None, help="System message for --chat.")
+@click.option("--max-new-tokens", type=click.IntRange(0), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable); the output ends before it.")
+@session_options
+def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+             stop_strings, device, provider, threads, prefill_chunk, profile_prefix) -> None:
+    """Generate text, streamed as it is produced, then one line of speeds on stderr."""
+    import time
+
+    from .folder import open_export, require_tokenizer
+    from .runner import Runner
+
+    t0 = time.perf_counter()
+    folder = open_export(model)
+    require_tokenizer(folder)
+    r = Runner(folder, settings_from(device, provider, threads, prefill_chunk, profile_prefix))
+    load_s = time.perf_counter() - t0
+    params = r.default_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop_strings))
+    if not chat:
+        sys.stdout.write(prompt)
+    for piece in r.stream(prompt, params, chat=chat, system=system):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = r.stats
+    click.echo(f"[{', '.join(r.session.active)} | load {load_s:.1f} s | prefill {s.prompt_tokens} tok "
+               f"{s.prefill_tok_s:.1f} tok/s (first token {s.prefill_s:.2f} s) | decode {s.new_tokens} tok "
+               f"{s.decode_tok_s:.1f} tok/s | {s.finish[0] if s.finish else '-'}]", err=True)
+    prof = r.end_profiling()
+    if prof:
+        click.echo(f"ONNX Runtime profile: {prof}", err=True)
+
+
+@cli.command()
+@click.option("--model", "model", required=True, type=click.Path(), help="Export folder.")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Medians over this many runs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of key: value lines.")
+@session_options
+def bench(model, prompt_tokens, new_tokens, runs, as_json, device, provider, threads, prefill_chunk,
+          profile_prefix) -> None:
+    """Prefill tok/s (512-token prompt), decode tok/s (128 tokens), TTFT, peak RSS: `key: value` lines."""
+    from .bench import print_result, run_bench
+
+    print_result(run_bench(model, settings_from(device, provider, threads, prefill_chunk, profile_prefix),
+                           prompt_tokens, new_tokens, runs), as_json)
+
+
+if __name__ == "__main__":
+    run_cli(cli)
