@@ -1,7 +1,9 @@
 """Decode and prefill speed of export folders through plain ONNX Runtime sessions (2 threads): a quick
-comparison between export forms (e.g. plain vs --fused). A benchmark: prints a table, asserts nothing.
+comparison between export forms (e.g. `--lowering function` vs `fused`). Runs alternate between the folders so
+background load hits each alike. Prefill computes the last position's logits only (`logits_to_keep`).
+A benchmark: prints a table, asserts nothing.
 
-    python bench/decode.py exports/qwen2-0.5b-int4 exports/qwen2-0.5b-int4-fused [--tokens 128] [--runs 3]
+    python bench/decode.py exports/qwen2-0.5b-int4-function exports/qwen2-0.5b-int4 [--tokens 128] [--runs 3]
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def run(sess, prompt: list[int], n: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) for one greedy generation of n tokens."""
     ids = np.array([prompt], dtype=np.int64)
     t0 = time.perf_counter()
-    logits, past = ort_step(sess, ids, np.ones_like(ids), np.arange(len(prompt))[None], empty_past(sess, 1))
+    logits, past = ort_step(sess, ids, np.ones_like(ids), np.arange(len(prompt))[None], empty_past(sess, 1),
+                            logits_to_keep=1)
     t1 = time.perf_counter()
     total = len(prompt)
     tok = int(logits[0, -1].argmax())
@@ -47,10 +50,14 @@ def main(folders, tokens, prompt_len, runs, threads):
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 150000, prompt_len).tolist()
     print(f"| export | prefill tok/s ({prompt_len}) | decode tok/s ({tokens}) |\n|---|---|---|")
+    sessions = {f: session(Path(f), threads=threads) for f in folders}
+    res: dict[str, list] = {f: [] for f in folders}
+    for _ in range(runs):
+        for f, sess in sessions.items():
+            res[f].append(run(sess, prompt, tokens))
     for f in folders:
-        sess = session(Path(f), threads=threads)
-        res = [run(sess, prompt, tokens) for _ in range(runs)]
-        print(f"| {f} | {statistics.median(r[0] for r in res):.1f} | {statistics.median(r[1] for r in res):.1f} |")
+        r = res[f]
+        print(f"| {f} | {statistics.median(x[0] for x in r):.1f} | {statistics.median(x[1] for x in r):.1f} |")
 
 
 if __name__ == "__main__":

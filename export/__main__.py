@@ -1,4 +1,4 @@
-"""`python -m export onnx|plan ...` — a thin click CLI; each command body is one call into the library."""
+"""`python -m export onnx|coreml|plan ...` — a thin click CLI; each command body is one call into the library."""
 
 from __future__ import annotations
 
@@ -43,8 +43,12 @@ def cli() -> None:
               help="int4 from a GGUF: re-quantize every weight to 4 bits instead of carrying its blocks over.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity gate (the report says so).")
-@click.option("--fused", is_flag=True, help="Lower to ONNX Runtime's fused kernels (SimplifiedLayerNormalization).")
-def onnx(size, checkpoint, dtype, device, out, max_context, random_weights, requantize, overwrite, no_verify, fused):
+@click.option("--lowering", type=click.Choice(["fused", "function"]), default=None,
+              help="fused: ONNX Runtime's kernels (GroupQueryAttention with rotary, MoE, SkipSimplifiedLayerNorm); "
+                   "function: standard ops plus the qwen2 domain's function bodies, for any runtime. "
+                   "Default: the device profile's, else fused.")
+def onnx(size, checkpoint, dtype, device, out, max_context, random_weights, requantize, overwrite, no_verify,
+         lowering):
     """Export to ONNX (ONNX Runtime CPU/CUDA)."""
     from qwen2_ref.checkpoint import resolve_checkpoint
 
@@ -55,13 +59,50 @@ def onnx(size, checkpoint, dtype, device, out, max_context, random_weights, requ
         raise Qwen2Error(f"--device {device} runs Core ML, not ONNX; use `python -m export coreml --device {device}`")
     dtype = _settle("--dtype", dtype, prof.default_dtype if prof else None, device) or "fp32"
     context = _settle("--max-context", max_context, prof.default_context if prof else None, device)
+    lowering = _settle("--lowering", lowering, prof.onnx_lowering if prof else None, device) or "fused"
     if checkpoint is None and size is None:
         raise click.UsageError("pass --size or --checkpoint")
     ckpt = resolve_checkpoint(size, checkpoint, random_weights)
     name = ckpt.size or Path(str(checkpoint or size)).stem
     out = Path(out) if out else Path("exports") / f"qwen2-{name}-{dtype}"
     export_onnx(ckpt, out, dtype, context=context, verify=not no_verify, overwrite=overwrite,
-                requantize=requantize, device_profile=device, fused=fused)
+                requantize=requantize, device_profile=device, lowering=lowering)
+
+
+COREML_SIZES = ["0.5b", "1.5b"]  # the phone-class sizes
+COREML_DTYPES = ["int4", "int8", "fp16", "palettize4"]
+
+
+@cli.command()
+@click.option("--size", type=click.Choice(COREML_SIZES), help="Model size (inferred from --checkpoint if given).")
+@click.option("--checkpoint", type=click.Path(), help="Hugging Face folder or .gguf file.")
+@click.option("--dtype", type=click.Choice(COREML_DTYPES), default=None,
+              help="Weights: int4 (per-block 32), int8, fp16 or palettize4. Default: the device profile's.")
+@click.option("--context", type=click.IntRange(1), default=None,
+              help="KV-cache length (padded to the profile's state multiple). Default: the device profile's.")
+@click.option("--device", "device", type=click.Choice(list(devices.profiles())), default="iphone-15-pro",
+              show_default=True, help="Device profile that sets the defaults and the Neural Engine options.")
+@click.option("--out", type=click.Path(), default=None, help="Output folder (default ./exports/qwen2-SIZE-coreml-DTYPE).")
+@click.option("--random-weights", is_flag=True, help="Random weights: architecture-only work, no checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity gate (the report says so).")
+def coreml(size, checkpoint, dtype, context, device, out, random_weights, overwrite, no_verify):
+    """Export to a stateful Core ML ML Program (iOS 18 / macOS 15)."""
+    from qwen2_ref.checkpoint import resolve_checkpoint
+
+    from .coreml import export_coreml
+
+    prof = devices.get(device)
+    if prof.runtime != "coreml":
+        raise Qwen2Error(f"--device {device} runs ONNX, not Core ML; use `python -m export onnx --device {device}`")
+    dtype = _settle("--dtype", dtype, prof.default_dtype, device)
+    context = _settle("--context", context, prof.default_context, device)
+    if checkpoint is None and size is None:
+        raise click.UsageError("pass --size or --checkpoint")
+    ckpt = resolve_checkpoint(size, checkpoint, random_weights)
+    name = ckpt.size or Path(str(checkpoint or size)).stem
+    out = Path(out) if out else Path("exports") / f"qwen2-{name}-coreml-{dtype}"
+    export_coreml(ckpt, out, dtype, context=context, profile=prof, verify_package=not no_verify, overwrite=overwrite)
 
 
 @cli.command()

@@ -139,6 +139,7 @@ class _Context:
                  attention_mask: torch.Tensor, past_len: int | torch.Tensor):
         T = position_ids.shape[1]
         S = attention_mask.shape[1]
+        self.position_ids, self.attention_mask = position_ids, attention_mask  # for fused-kernel exports
         key_valid = attention_mask.to(torch.bool)  # (B, S)
         q_slot = torch.arange(T, device=position_ids.device) + past_len  # (T,) cache slot of each query
         causal = torch.arange(S, device=position_ids.device)[None, :] <= q_slot[:, None]  # (T, S)

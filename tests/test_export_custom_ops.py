@@ -1,4 +1,6 @@
-"""MoE and Dual Chunk Attention through ONNX (our `qwen2` domain, function bodies) against the reference."""
+"""MoE and Dual Chunk Attention through ONNX against the reference, in both lowerings: `function` (our `qwen2`
+domain's function bodies) and `fused` (ONNX Runtime's MoE / GroupQueryAttention / SkipSimplifiedLayerNormalization
+kernels; DCA layers keep our DualChunkAttention op there too). Same cases, same tolerances."""
 
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ def export(tmp_path_factory):
     root = tmp_path_factory.mktemp("custom")
     cache = {}
 
-    def get(cfg, label, dtype="fp32"):
-        if (label, dtype) not in cache:
+    def get(cfg, label, dtype="fp32", lowering="function"):
+        key = (label, dtype, lowering)
+        if key not in cache:
             ckpt = random_ckpt(cfg, label)
-            out = root / f"{label}-{dtype}"
-            report = export_onnx(ckpt, out, dtype, tolerance=TINY[dtype], gate_batch=2)
-            cache[label, dtype] = (ckpt, out, report)
-        return cache[label, dtype]
+            out = root / f"{label}-{dtype}-{lowering}"
+            report = export_onnx(ckpt, out, dtype, tolerance=TINY[dtype], gate_batch=2, lowering=lowering)
+            cache[key] = (ckpt, out, report)
+        return cache[key]
 
     return get
 
@@ -52,21 +55,33 @@ MOE_CASES = {
 }
 
 
+LOWERINGS = ["function", "fused"]
+MOE_DOMAIN = {"function": "qwen2", "fused": "com.microsoft"}
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("label", list(MOE_CASES))
-def test_moe_fp32(export, label):
-    ckpt, out, _ = export(MOE_CASES[label], label)
+def test_moe_fp32(export, label, lowering):
+    ckpt, out, _ = export(MOE_CASES[label], label, lowering=lowering)
     sess = session(out)
     assert sess.get_providers() == ["CPUExecutionProvider"]
     p = check_parity(sess, reference_model(ckpt), [tokens(13, 1), tokens(6, 2)], 4, TINY["fp32"])
     assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     sparse = sum(MOE_CASES[label].is_sparse_layer(i) for i in range(MOE.num_hidden_layers))
-    assert sum(n.op_type == "MoE" and n.domain == "qwen2" for n in m.graph.node) == sparse
+    moe = [n for n in m.graph.node if n.op_type == "MoE"]
+    assert len(moe) == sparse and {n.domain for n in moe} == {MOE_DOMAIN[lowering]}
+    if lowering == "fused":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in moe[0].attribute}
+        assert attrs["swiglu_fusion"] == 1 and attrs["k"] == MOE.num_experts_per_tok
+        assert attrs["normalize_routing_weights"] == int(MOE_CASES[label].norm_topk_prob)
+        assert not m.functions  # no qwen2 op left: nothing to inline
 
 
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("dtype", ["fp16", "int4"])
-def test_moe_lower_precisions(export, dtype):
-    ckpt, out, report = export(MOE, "moe", dtype)
+def test_moe_lower_precisions(export, dtype, lowering):
+    ckpt, out, report = export(MOE, "moe", dtype, lowering)
     tol = TINY[dtype]
     prompts = [tokens(13, 1), tokens(6, 2)]
     p = check_parity(session(out), reference_model(ckpt), prompts, 4, tol)
@@ -80,18 +95,20 @@ def test_moe_lower_precisions(export, dtype):
 DCA_CASES = {"dca": DCA, "dca-yarn": DCA.replace(rope_scaling=RopeScaling("yarn", 4.0, 32))}
 
 
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("label", list(DCA_CASES))
-def test_dca_long_prompt_and_decode_past_chunk_boundaries(export, label):
+def test_dca_long_prompt_and_decode_past_chunk_boundaries(export, label, lowering):
     cfg = DCA_CASES[label]
-    ckpt, out, _ = export(cfg, label)
+    ckpt, out, _ = export(cfg, label, lowering=lowering)
     # 5 chunks + 10 tokens of prompt, then 8 decode steps that cross the boundary at 6s
     prompts = [tokens(5 * S + 10, 3), tokens(3 * S + 1, 4)]
     p = check_parity(session(out), reference_model(ckpt), prompts, 8, TINY["fp32"])
     assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
 
 
-def test_dca_chunked_prefill_in_ort_matches_one_shot_reference(export):
-    ckpt, out, _ = export(DCA, "dca")
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_dca_chunked_prefill_in_ort_matches_one_shot_reference(export, lowering):
+    ckpt, out, _ = export(DCA, "dca", lowering=lowering)
     sess = session(out)
     ids = tokens(6 * S + 5, 7)
     ref, _ = reference_model(ckpt)(torch.tensor([ids]))
@@ -105,8 +122,9 @@ def test_dca_chunked_prefill_in_ort_matches_one_shot_reference(export):
     assert np.abs(got - ref.detach().numpy()).max() <= TINY["fp32"].max_abs_logits
 
 
-def test_dca_fp16(export):
-    ckpt, out, _ = export(DCA, "dca", "fp16")
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_dca_fp16(export, lowering):
+    ckpt, out, _ = export(DCA, "dca", "fp16", lowering)
     p = check_parity(session(out), reference_model(ckpt), [tokens(5 * S + 2, 5)], 4, TINY["fp16"])
     assert p.max_abs_logits <= TINY["fp16"].max_abs_logits, p
 

@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from export.onnx import ParityError, dequantized_reference, export_onnx, reference_model
-from export.onnx.verify import check_parity, session
+from export.onnx.verify import check_parity, empty_past, ort_step, session
 from export.quant import QuantSpec, quantize_rtn
 from export.tolerances import TINY, TINY_INT4_DEQUANTIZED
 from qwen2_ref.checkpoint import open_checkpoint, resolve_checkpoint
 from qwen2_ref.errors import Qwen2Error
+from qwen2_ref.generate import left_pad
+from qwen2_ref.model import default_position_ids
 
 PROMPTS = [[5, 9, 200, 31, 77, 12, 400, 3, 3, 8, 51], [8, 1, 3, 99, 7]]
 
@@ -194,13 +196,72 @@ def test_plan_prints_table():
     assert r.returncode == 0 and "NO" in r.stdout and "overrides device profile l4" not in r.stderr
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_fused_norms_match_reference(tmp_path, name, dtype):
-    """--fused: every RMSNorm becomes ONNX Runtime's SimplifiedLayerNormalization; same parity as the plain form."""
+FUSED_CASES = ["tiny", "tiny-untied", "tiny-yarn", "tiny-moe"]
+
+
+@pytest.mark.parametrize("name", FUSED_CASES)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int4"])
+def test_fused_lowering_matches_reference(tmp_path, name, dtype):
+    """--lowering fused: attention -> GroupQueryAttention (rotary fused), RMSNorm -> (Skip)SimplifiedLayerNorm,
+    routed experts -> com.microsoft MoE; same parity bar as the function form, a left-padded batch of 2 included."""
     ckpt = resolve_checkpoint(name, random_weights=True)
-    report = export_onnx(ckpt, tmp_path / "fused", dtype, tolerance=TINY[dtype], fused=True)
-    n_norms = 2 * ckpt.config.num_hidden_layers + 1
-    assert report["ops"].get("SimplifiedLayerNormalization") == n_norms and "Pow" not in report["ops"]
-    p = check_parity(session(tmp_path / "fused"), reference_model(ckpt), PROMPTS, 4, TINY[dtype])
+    cfg = ckpt.config
+    report = export_onnx(ckpt, tmp_path / "fused", dtype, tolerance=TINY[dtype], gate_batch=2, lowering="fused")
+    ops = report["ops"]
+    L = cfg.num_hidden_layers
+    assert ops["com.microsoft::GroupQueryAttention"] == L
+    assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * L
+    assert ops["SimplifiedLayerNormalization"] == 1  # the first layer's input norm has no residual before it
+    assert "Pow" not in ops and "Softmax" not in ops and "Sin" not in ops
+    if cfg.is_moe:
+        assert ops["com.microsoft::MoE"] == sum(cfg.is_sparse_layer(i) for i in range(L))
+    batch = [PROMPTS[0], PROMPTS[0][:5]]  # left padding in the fused kernels
+    p = check_parity(session(tmp_path / "fused"), reference_model(ckpt), batch, 4, TINY[dtype])
     assert p.max_abs_logits <= TINY[dtype].max_abs_logits and p.top1_agreement >= TINY[dtype].min_top1_agreement, p
+    if dtype == "int4":
+        d = check_parity(session(tmp_path / "fused"), dequantized_reference(ckpt, report), batch, 4,
+                         TINY_INT4_DEQUANTIZED)
+        assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+
+
+@pytest.mark.parametrize("lowering", ["function", "fused"])
+def test_chunked_prefill_of_a_padded_batch(tmp_path, lowering):
+    """Chunks of a left-padded batch with a cache (GroupQueryAttention needs query_seqlens for this on CPU)."""
+    ckpt = resolve_checkpoint("tiny", random_weights=True)
+    out = tmp_path / lowering
+    export_onnx(ckpt, out, "fp32", tolerance=TINY["fp32"], lowering=lowering)
+    sess = session(out)
+    prompts = [PROMPTS[0] * 2, PROMPTS[0][:7]]
+    ids, mask = left_pad(prompts, 0)
+    pos = default_position_ids(mask, mask.shape[1])
+    ref, _ = reference_model(ckpt)(ids, position_ids=pos, attention_mask=mask)
+    past, got = empty_past(sess, 2), []
+    for s in range(0, ids.shape[1], 5):
+        e = min(ids.shape[1], s + 5)
+        logits, past = ort_step(sess, ids[:, s:e].numpy(), mask[:, :e].numpy(), pos[:, s:e].numpy(), past)
+        got.append(logits)
+    got = np.concatenate(got, axis=1)
+    valid = mask.bool().numpy()
+    assert np.abs(got - ref.detach().numpy())[valid].max() <= TINY["fp32"].max_abs_logits
+
+
+@pytest.mark.parametrize("lowering", ["function", "fused"])
+def test_logits_to_keep(tmp_path, lowering):
+    """The optional `logits_to_keep` input (default 0: all positions) runs the head on the last k positions."""
+    ckpt = resolve_checkpoint("tiny", random_weights=True)
+    out = tmp_path / lowering
+    dtype = "fp32" if lowering == "function" else "int4"  # head as Gemm on the tied table / as MatMulNBits
+    export_onnx(ckpt, out, dtype, tolerance=TINY[dtype], lowering=lowering)
+    sess = session(out)
+    assert "logits_to_keep" not in {i.name for i in sess.get_inputs()}  # optimum / genai never see it
+    assert "logits_to_keep" in {i.name for i in sess.get_overridable_initializers()}
+    ids = np.array([PROMPTS[0]])
+    n = ids.shape[1]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(n)[None]}
+    feeds |= dict(zip([i.name for i in sess.get_inputs() if i.name.startswith("past")], empty_past(sess, 1)))
+    full = sess.run(["logits"], feeds)[0]
+    assert full.shape[1] == n
+    for k in (1, 3, n, n + 4):
+        part = sess.run(["logits"], feeds | {"logits_to_keep": np.array(k, dtype=np.int64)})[0]
+        assert part.shape[1] == min(k, n)
+        np.testing.assert_array_equal(part, full[:, n - min(k, n):])

@@ -18,13 +18,15 @@ from qwen2_ref.weights import load_into, validate
 
 from ..output import staged_folder
 from ..tolerances import GATE, Tolerance
-from .fuse import fuse_rms_norm
-from .graph import OPSET, lower_linears, ops_histogram, trace
+from .fuse import fuse_rms_norm, fuse_skip_rms_norm
+from .fused import fuse_moe
+from .graph import OPSET, add_logits_to_keep, lower_linears, ops_histogram, trace
 from .metadata import write_metadata
 from .verify import check_parity, session
 from .weights import WeightStreamer
 
 DTYPES = ("fp32", "fp16", "int4")
+LOWERINGS = ("function", "fused")
 # A reference bigger than this (fp32 bytes) is not materialized for the gate; a 2-layer truncation is checked.
 FULL_REFERENCE_MAX_BYTES = 6 * 2**30
 GATE_DECODE_STEPS = 4
@@ -40,12 +42,18 @@ def peak_rss_mib() -> float:
 
 
 def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool = False,
-               num_layers: int | None = None, accuracy_level: int = 4, fused: bool = False) -> dict:
-    """Trace, lower, attach streamed weights and save into `folder`. Returns facts for the report."""
+               num_layers: int | None = None, accuracy_level: int = 4, lowering: str = "function") -> dict:
+    """Trace, lower, attach streamed weights and save into `folder`. Returns facts for the report.
+
+    lowering: "function" (standard ops + our qwen2 domain's function-body ops) or "fused" (ONNX Runtime's
+    contrib kernels: GroupQueryAttention, MoE, SkipSimplifiedLayerNormalization; see fused.py)."""
+    if lowering not in LOWERINGS:
+        raise Qwen2Error(f"--lowering {lowering!r} is not one of {', '.join(LOWERINGS)}")
+    fused = lowering == "fused"
     cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
     t0 = time.perf_counter()
-    status(f"tracing {cfg.model_type} ({cfg.num_hidden_layers} layers, {dtype}) ...")
-    model = trace(cfg, dtype)
+    status(f"tracing {cfg.model_type} ({cfg.num_hidden_layers} layers, {dtype}, {lowering} lowering) ...")
+    model = trace(cfg, dtype, fused_attention=fused)
     streamer = WeightStreamer(ckpt.source, cfg, requantize=requantize)
     quant = None
     if dtype == "int4":
@@ -54,7 +62,13 @@ def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requant
                  # MoE routers stay float: a rounded router logit can pick a different expert
                  and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))}
     uses = lower_linears(model, quant, accuracy_level=accuracy_level)
-    fused_norms = fuse_rms_norm(model) if fused else 0
+    add_logits_to_keep(model)
+    fusions = None
+    if fused:
+        fusions = {"GroupQueryAttention": sum(n.op_type == "GroupQueryAttention" for n in model.graph),
+                   "MoE": fuse_moe(model, uses, _expert_quant(cfg) if dtype == "int4" else None),
+                   "SimplifiedLayerNormalization": fuse_rms_norm(model)}
+        fusions["SkipSimplifiedLayerNormalization"] = fuse_skip_rms_norm(model)
     streamer.attach(uses)
     t_trace = time.perf_counter() - t0
     model.producer_name, model.producer_version = "qwen2-export", "0.1.0"
@@ -77,7 +91,17 @@ def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requant
                  for u in uses.values() if u.spec is not None}
     return {"ops": ops_histogram(model), "trace_s": round(t_trace, 2), "write_s": round(t_write, 2),
             "initializers": n_init, "quantized": quantized, "layers": cfg.num_hidden_layers,
-            "fused": {"SimplifiedLayerNormalization": fused_norms} if fused else None}
+            "lowering": lowering, "fusions": fusions}
+
+
+def _expert_quant(cfg):
+    """int4 experts for QMoE (block 32 along K); None keeps them float where the sizes do not divide."""
+    from ..quant import QuantSpec
+
+    spec = QuantSpec(bits=4, block=32)
+    if cfg.is_moe and cfg.hidden_size % spec.block == 0 and cfg.moe_intermediate_size % spec.block == 0:
+        return spec
+    return None
 
 
 def reference_model(ckpt: Checkpoint, num_layers: int | None = None):
@@ -97,6 +121,15 @@ def dequantized_reference(ckpt: Checkpoint, report: dict, num_layers: int | None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, q in report["quantized"].items():
+            if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):  # QMoE experts
+                deq = torch.from_numpy(streamer.dequantized_experts(name, QuantSpec(q["bits"], q["block"])))
+                if name.endswith("down_proj"):
+                    params[name].copy_(deq)
+                else:  # fc1 rows interleave gate and up
+                    base = name[: -len("gate_up_proj")]
+                    params[base + "gate_proj"].copy_(deq[:, 0::2])
+                    params[base + "up_proj"].copy_(deq[:, 1::2])
+                continue
             if name not in params:
                 continue
             spec = GGUF_EXACT[q["from"]][2] if q["from"] in GGUF_EXACT else QuantSpec(q["bits"], q["block"])
@@ -136,7 +169,7 @@ def gate_prompts(ckpt: Checkpoint, tok: Tokenizer | None, batch: int = 1) -> lis
 def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: int | None = None,
                 verify: bool = True, overwrite: bool = False, requantize: bool = False,
                 tolerance: Tolerance | None = None, gate_batch: int = 1, device_profile: str | None = None,
-                fused: bool = False) -> dict:
+                lowering: str = "function") -> dict:
     """Export `ckpt` to `out` (model.onnx + external data + metadata + tokenizer + export_report.json).
 
     Writes into a temporary folder beside `out`, runs the parity gate, and only then moves it into place.
@@ -163,7 +196,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: in
                     "device_profile": device_profile, "context": context,
                     "config": cfg.to_hf_config()}
     with staged_folder(out, overwrite) as tmp:
-        report |= build_onnx(ckpt, tmp, dtype, context, requantize, fused=fused)
+        report |= build_onnx(ckpt, tmp, dtype, context, requantize, lowering=lowering)
         report["custom_ops"] = sorted({k for k in report["ops"] if "::" in k})
         report["custom_op_lowering"] = "function" if any(k.startswith("qwen2::") for k in report["ops"]) else None
         report["export_peak_rss_mib"] = round(peak_rss_mib())
@@ -173,7 +206,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: in
         report["files_mib"] = {p.name: round(p.stat().st_size / 2**20, 2) for p in sorted(tmp.iterdir())}
         if verify:
             report["parity"] = _gate(ckpt, tmp, dtype, context, requantize, tol, gate_batch, tok,
-                                     explicit_tolerance=tolerance is not None, fused=fused)
+                                     explicit_tolerance=tolerance is not None, lowering=lowering)
         else:
             report["parity"] = {"skipped": "--no-verify"}
         report["wall_s"] = round(time.perf_counter() - t0, 2)
@@ -206,7 +239,7 @@ def available_memory_bytes() -> int | None:
 
 
 def _gate(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool, tol: Tolerance,
-          batch: int, tok: Tokenizer | None, explicit_tolerance: bool = False, fused: bool = False) -> dict:
+          batch: int, tok: Tokenizer | None, explicit_tolerance: bool = False, lowering: str = "function") -> dict:
     cfg = ckpt.config
     # Random weights give near-flat logits whose arg-max is noise: their gate holds the logit bound only,
     # unless the caller chose the tolerance (the tests do, on tiny models where the arg-max is meaningful).
@@ -225,7 +258,7 @@ def _gate(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: 
         import tempfile
 
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gate-") as td:
-            build_onnx(ckpt, Path(td), dtype, context, requantize, num_layers=layers, fused=fused)
+            build_onnx(ckpt, Path(td), dtype, context, requantize, num_layers=layers, lowering=lowering)
             ref = reference_model(ckpt, layers)
             p = check_parity(session(td), ref, prompts, GATE_DECODE_STEPS, tol, top1)
             del ref

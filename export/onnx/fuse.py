@@ -2,6 +2,8 @@
 
 - RMSNorm (Cast -> Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Reciprocal -> Mul -> Cast -> Mul weight)
   -> `SimplifiedLayerNormalization` (ORT kernel in the default domain; computes in fp32, stash_type 1).
+- residual `Add` feeding such a norm -> `SkipSimplifiedLayerNormalization` (com.microsoft), whose 4th output is
+  the sum the rest of the graph keeps using.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .graph import _node, _replace
+from .graph import MS_DOMAIN, _node, _replace
 
 
 def _const(v: ir.Value | None) -> np.ndarray | None:
@@ -71,7 +73,43 @@ def fuse_rms_norm(model: ir.Model) -> int:
                       name=f"{weight.name}/SimplifiedLayerNormalization")
         _replace(g, scale[0], fused)
         count += 1
-    # the matched chains are now dead: drop nodes whose outputs nobody uses
+    _drop_dead(g)
+    return count
+
+
+def fuse_skip_rms_norm(model: ir.Model) -> int:
+    """Add(a, b) -> SimplifiedLayerNormalization  =>  SkipSimplifiedLayerNormalization(a, b) (+ its sum output)."""
+    g = model.graph
+    count = 0
+    for norm in [n for n in g if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]:
+        add = _only(norm.inputs[0], "Add")
+        if add is None or any(i is None or i.is_initializer() or i.const_value is not None for i in add.inputs):
+            continue
+        a, b = add.inputs
+        if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+            continue  # a broadcast Add is not a residual
+        eps = norm.attributes["epsilon"].as_float()
+        fused = ir.Node(MS_DOMAIN, "SkipSimplifiedLayerNormalization", [a, b, norm.inputs[1]],
+                        ir.convenience.convert_attributes({"epsilon": eps}), num_outputs=4,
+                        name=f"{norm.name}/Skip")
+        g.insert_before(add, fused)
+        total = fused.outputs[3]
+        add.outputs[0].replace_all_uses_with(total, replace_graph_outputs=True)
+        total.name, total.shape, total.type = add.outputs[0].name + ".sum", add.outputs[0].shape, add.outputs[0].type
+        y = fused.outputs[0]
+        y.shape, y.type = norm.outputs[0].shape, norm.outputs[0].type
+        norm.outputs[0].replace_all_uses_with(y, replace_graph_outputs=True)
+        fused.outputs[0].name = norm.outputs[0].name + ".skip"
+        g.remove(norm, safe=True)
+        g.remove(add, safe=True)
+        count += 1
+    if count:
+        model.opset_imports[MS_DOMAIN] = 1
+    return count
+
+
+def _drop_dead(g: ir.Graph) -> None:
+    """The matched chains are now dead: drop nodes whose outputs nobody uses."""
     changed = True
     while changed:
         changed = False
@@ -79,4 +117,3 @@ def fuse_rms_norm(model: ir.Model) -> int:
             if all(not o.uses() and not o.is_graph_output() for o in n.outputs):
                 g.remove(n, safe=True)
                 changed = True
-    return count

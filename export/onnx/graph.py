@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -43,12 +44,20 @@ class _Step(torch.nn.Module):
         return (logits.to(torch.float32), *[t for kv in present for t in kv])
 
 
-def trace(cfg: ModelArgs, dtype: str) -> ir.Model:
-    """The reference as an ONNX graph (opset 21) with dynamic batch / sequence / past; initializers have no data."""
+def trace(cfg: ModelArgs, dtype: str, fused_attention: bool = False) -> ir.Model:
+    """The reference as an ONNX graph (opset 21) with dynamic batch / sequence / past; initializers have no data.
+
+    `fused_attention`: attention becomes ORT's GroupQueryAttention (fused.py) instead of standard ops."""
     tdtype = TORCH_DTYPES[dtype]
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg).to(tdtype).eval()
     model.tie_weights()
+    table = custom_ops.translation_table()
+    if fused_attention:
+        from . import fused
+
+        fused.use_fused_attention(model)
+        table |= fused.translation_table()
     L, B, T, P = cfg.num_hidden_layers, 2, 3, 5  # sizes >= 2: size-1 example dims get specialized
     with torch.device("meta"):
         args = (torch.zeros(B, T, dtype=torch.long), torch.ones(B, P + T, dtype=torch.long),
@@ -59,7 +68,7 @@ def trace(cfg: ModelArgs, dtype: str) -> ir.Model:
     shapes = ({0: D, 1: D}, {0: D, 1: D}, {0: D, 1: D}, ({0: D, 2: D},) * (2 * L))
     prog = torch.onnx.export(_Step(model), args, dynamo=True, optimize=False, opset_version=OPSET,
                              input_names=ins, output_names=outs, dynamic_shapes=shapes, verbose=False,
-                             custom_translation_table=custom_ops.translation_table())
+                             custom_translation_table=table)
     m = prog.model
     custom_ops.attach_functions(m)
     _strip_prefix(m.graph, "m.")
@@ -67,6 +76,53 @@ def trace(cfg: ModelArgs, dtype: str) -> ir.Model:
         m.graph.initializers["lm_head.weight"].name = "model.embed_tokens.weight"
     _name_dims(m.graph, cfg)
     return m
+
+
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
+def add_logits_to_keep(model: ir.Model) -> bool:
+    """An optional scalar input `logits_to_keep` (int64; an overridable initializer, default 0 = every position):
+    when k > 0 the LM head runs on the last k positions only. Runners feed 1 in prefill; optimum and
+    onnxruntime-genai never see it (it is not a required input)."""
+    g = model.graph
+    logits = next(v for v in g.outputs if v.name == "logits")
+    node = logits.producer()
+    while node is not None and node.op_type in ("Cast", "Reshape"):
+        node = node.inputs[0].producer()
+    head = node
+    if head is None or head.op_type not in ("MatMul", "Gemm", "MatMulNBits"):
+        return False
+    if head.op_type == "Gemm":  # vocab-wide head: Reshape(x, (-1, H)) -> Gemm -> Reshape(lead + V)
+        head = head.inputs[0].producer()
+        if head is None or head.op_type != "Reshape":
+            return False
+    x = head.inputs[0]
+    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(np.array(0, dtype=np.int64), name=LOGITS_TO_KEEP))
+    g.inputs.append(keep)
+    g.register_initializer(keep)
+    c = {n: ir.Value(name=f"{LOGITS_TO_KEEP}.{n}", const_value=ir.tensor(np.array(v, dtype=np.int64)))
+         for n, v in (("one", [1]), ("zero", [0]), ("end", [np.iinfo(np.int64).max]))}
+    for v in c.values():
+        g.register_initializer(v)
+    nodes = [
+        seq := _node("", "Shape", [x], {"start": 1, "end": 2}, name="logits_to_keep/seq"),
+        k := _node("", "Reshape", [keep, c["one"]], name="logits_to_keep/k"),
+        pos := _node("", "Greater", [k.outputs[0], c["zero"]], name="logits_to_keep/given"),
+        lo := _node("", "Min", [k.outputs[0], seq.outputs[0]], name="logits_to_keep/min"),
+        n := _node("", "Where", [pos.outputs[0], lo.outputs[0], seq.outputs[0]], name="logits_to_keep/n"),
+        start := _node("", "Neg", [n.outputs[0]], name="logits_to_keep/start"),
+        sl := _node("", "Slice", [x, start.outputs[0], c["end"], c["one"]], name="logits_to_keep/slice"),
+    ]
+    for nd in nodes:
+        g.insert_before(head, nd)
+    sl.outputs[0].name, sl.outputs[0].type = "logits_to_keep.hidden", x.type
+    for user, idx in list(x.uses()):  # the final norm's output feeds only the head (and its shape for Gemm)
+        if user not in nodes:
+            user.replace_input_with(idx, sl.outputs[0])
+    logits.shape = ir.Shape(["batch_size", "logits_sequence_length", logits.shape[2]])
+    return True
 
 
 def _strip_prefix(graph: ir.Graph, prefix: str) -> None:

@@ -39,14 +39,18 @@ def session(model_dir: Path, providers: Sequence[str] = ("CPUExecutionProvider",
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # the optional `logits_to_keep` input is an initializer: ORT warns about it
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(Path(model_dir) / "model.onnx"), opts, providers=list(providers))
 
 
-def ort_step(sess, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]):
+def ort_step(sess, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray],
+             logits_to_keep: int = 0):
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
              "position_ids": pos.astype(np.int64)}
+    if logits_to_keep:
+        feeds["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
     names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
     feeds.update(zip(names, past))
     out = sess.run(None, feeds)

@@ -19,9 +19,14 @@ from qwen2_ref.rope import inv_freq_and_scale
 from qwen2_ref.weights import WeightSource, param_slot
 
 from ..quant import GGUF_EXACT, QuantSpec, quantize_from_gguf, quantize_rtn
+from .fused import rope_caches
 from .graph import WeightUse
 
-ROW_BLOCK = 8192  # rows per block when streaming a float tensor or quantizing
+ROW_BLOCK = 8192
+# Buffers computed from the config, not read from the checkpoint.
+COMPUTED = {"rope_inv_freq": lambda cfg: inv_freq_and_scale(cfg)[0],
+            "rope_cos_cache": lambda cfg: rope_caches(cfg)[0],
+            "rope_sin_cache": lambda cfg: rope_caches(cfg)[1]}  # rows per block when streaming a float tensor or quantizing
 
 
 class StreamedTensor(ir.LazyTensor):
@@ -50,19 +55,23 @@ class WeightStreamer:
     # -- reading ------------------------------------------------------------------------------------------------
     def checkpoint_names(self, param: str) -> list[str]:
         """Checkpoint tensors behind a model parameter (a stacked expert parameter has one per expert)."""
-        if param.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj")):
+        if param.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj", ".experts.gate_up_proj")):
             base, proj = param.rsplit(".", 1)
             return [f"{base}.{e}.{proj}.weight" for e in range(self.cfg.num_experts)]
         return [param]
 
     def rows(self, param: str, start: int, stop: int) -> torch.Tensor:
+        if param.endswith(".experts.gate_up_proj"):  # ORT MoE fc1: gate and up rows interleaved, (E, 2I, H)
+            base = param[: -len("gate_up_proj")]
+            gate, up = self.rows(base + "gate_proj", start, stop), self.rows(base + "up_proj", start, stop)
+            return torch.stack([gate, up], dim=2).reshape(gate.shape[0], 2 * gate.shape[1], gate.shape[2])
         names = self.checkpoint_names(param)
         if len(names) == 1:
             return self.source.get_rows(names[0], start, stop).to(torch.float32)
         return torch.stack([self.source.get(names[e]).to(torch.float32) for e in range(start, stop)])
 
     def n_rows(self, param: str) -> int:
-        if param == "rope_inv_freq":
+        if param in COMPUTED:
             return 1
         names = self.checkpoint_names(param)
         return len(names) if len(names) > 1 else self.source.shape(names[0])[0]
@@ -87,6 +96,14 @@ class WeightStreamer:
             else:
                 yield quantize_rtn(w, spec)
 
+    def quantized_experts(self, param: str, spec: QuantSpec):
+        """Per-expert block quantization of a stacked (E, N, K) expert tensor (QMoE), one expert at a time."""
+        for e in range(self.n_rows(param)):
+            yield quantize_rtn(self.rows(param, e, e + 1)[0], spec)
+
+    def dequantized_experts(self, param: str, spec: QuantSpec) -> np.ndarray:
+        return np.stack([q.dequantize() for q in self.quantized_experts(param, spec)])
+
     def quantize(self, param: str, spec: QuantSpec) -> dict[str, np.ndarray]:
         parts = [q.pack() for q in self._quantized_blocks(param, spec)]
         return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
@@ -98,7 +115,9 @@ class WeightStreamer:
     # -- attaching ----------------------------------------------------------------------------------------------
     def attach(self, uses: dict[str, WeightUse]) -> None:
         for use in uses.values():
-            if use.kind == "transposed":
+            if use.kind == "quantized_experts":
+                self._attach_quantized_experts(use.outputs, use.source, use.spec)
+            elif use.kind == "transposed":
                 self._attach_float(use.outputs[0], use.source, transpose=True)
             elif use.kind in ("quantized", "quantized+plain"):
                 outs = list(use.outputs)
@@ -111,9 +130,8 @@ class WeightStreamer:
     def _attach_float(self, value: ir.Value, param: str, transpose: bool = False) -> None:
         dt = NUMPY[value.dtype]
         shape = tuple(value.shape.numpy())
-        if param == "rope_inv_freq":
-            inv = inv_freq_and_scale(self.cfg)[0].numpy().astype(dt)
-            value.const_value = ir.tensor(inv, name=value.name)
+        if param in COMPUTED:  # not in the checkpoint: computed from the config
+            value.const_value = ir.tensor(COMPUTED[param](self.cfg).numpy().astype(dt), name=value.name)
             return
 
         def blocks() -> Iterator[np.ndarray]:
@@ -127,6 +145,26 @@ class WeightStreamer:
                 yield self.rows(param, r, min(n, r + step)).numpy().astype(dt)
 
         value.const_value = StreamedTensor(blocks, value.dtype, shape, value.name)
+
+    def _attach_quantized_experts(self, outs: list[ir.Value], param: str, spec: QuantSpec) -> None:
+        """QMoE's (E, N, K/2) codes, (E, N, K/block) scales and (E, N, ⌈blocks/2⌉) packed zero points; quantized
+        expert by expert on first demand (the packed result is ~1/7 of the fp32 tensor), each written once."""
+        cache: dict[str, np.ndarray] = {}
+        keys = ("B", "scales", "zero_points")
+
+        def make(key: str, value: ir.Value):
+            shape = tuple(value.shape.numpy())
+
+            def blocks() -> Iterator[np.ndarray]:
+                if not cache:
+                    parts = [q.pack() for q in self.quantized_experts(param, spec)]
+                    for k in keys:
+                        cache[k] = np.stack([p[k] for p in parts])
+                yield cache.pop(key).astype(NUMPY[value.dtype]).reshape(shape)
+            return blocks
+
+        for key, v in zip(keys, outs):
+            v.const_value = StreamedTensor(make(key, v), v.dtype, tuple(v.shape.numpy()), v.name)
 
     def _attach_quantized(self, outs: list[ir.Value], param: str, spec: QuantSpec) -> None:
         cache: dict[str, np.ndarray] = {}
