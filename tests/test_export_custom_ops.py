@@ -106,6 +106,22 @@ def test_dca_long_prompt_and_decode_past_chunk_boundaries(export, label, lowerin
     assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
 
 
+def test_dca_key_blocks(tmp_path, monkeypatch):
+    """DualChunkAttention's online softmax over key blocks: blocks of 7 keys (not aligned with s = 12 or the
+    chunks) across a 5-chunk prompt and decode past chunk boundaries, a left-padded row included."""
+    from export.onnx import custom_ops
+
+    monkeypatch.setattr(custom_ops, "DCA_KEY_BLOCK", 7)
+    ckpt = random_ckpt(DCA, "dca-blocks")
+    export_onnx(ckpt, tmp_path / "m", "fp32", tolerance=TINY["fp32"], gate_batch=2)
+    m = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False)
+    node = next(n for n in m.graph.node if n.op_type == "DualChunkAttention")
+    assert {a.name: a.i for a in node.attribute if a.name == "key_block"} == {"key_block": 7}
+    prompts = [tokens(5 * S + 3, 11), tokens(2 * S + 5, 12)]
+    p = check_parity(session(tmp_path / "m"), reference_model(ckpt), prompts, 8, TINY["fp32"])
+    assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
+
+
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_dca_chunked_prefill_in_ort_matches_one_shot_reference(export, lowering):
     ckpt, out, _ = export(DCA, "dca", lowering=lowering)

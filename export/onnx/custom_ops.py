@@ -37,7 +37,8 @@ def _register_schemas() -> None:
             outputs=[P("Y", "T")],
             type_constraints=[T, ("I", ["tensor(int64)"], "positions"), ("B", ["tensor(bool)"], "mask")],
             attributes=[A("chunk_len", OpSchema.AttrType.INT, "chunk_size - local_size"),
-                        A("scale", OpSchema.AttrType.FLOAT, "score scale")]))
+                        A("scale", OpSchema.AttrType.FLOAT, "score scale"),
+                        A("key_block", OpSchema.AttrType.INT, "keys per block of the online softmax")]))
 
 
 _register_schemas()
@@ -79,31 +80,58 @@ def MoE(X, router_logits, gate_proj, up_proj, down_proj, top_k: int, normalize: 
 
 
 @onnxscript.script(qwen2, default_opset=op)
-def DualChunkAttention(q_intra, q_succ, q_inter, K, V, q_pos, k_pos, allowed, chunk_len: int, scale: float):
+def DualChunkAttention(q_intra, q_succ, q_inter, K, V, q_pos, k_pos, allowed, chunk_len: int, scale: float,
+                       key_block: int):
     """Dual Chunk Attention over a KV cache (see docs/ops.md). q_* (B, Hq, T, d); K, V (B, Hkv, S, d) with keys
-    rotated at position mod chunk_len; q_pos (B, T), k_pos (B, S) int64; allowed (B, 1, T, S) bool -> (B, Hq, T, d)."""
+    rotated at position mod chunk_len; q_pos (B, T), k_pos (B, S) int64; allowed (B, 1, T, S) bool -> (B, Hq, T, d).
+
+    Evaluated over blocks of `key_block` keys with an online softmax (running max, denominator and weighted sum
+    in fp32), so working memory is O(T · key_block) whatever the context length S."""
     kshape = op.Shape(K)
     b = op.Slice(kshape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
     hkv = op.Slice(kshape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-    rest = op.Slice(kshape, op.Constant(value_ints=[2]), op.Constant(value_ints=[4]))
-    hq = op.Slice(op.Shape(q_intra), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    d = op.Slice(kshape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
+    s_len = op.Slice(kshape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    qshape = op.Shape(q_intra)
+    hq = op.Slice(qshape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    t_len = op.Slice(qshape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
     groups = op.Div(hq, hkv)
-    expanded = op.Concat(b, hkv, groups, rest, axis=0)
-    flat = op.Concat(b, hq, rest, axis=0)
-    kr = op.Reshape(op.Expand(op.Unsqueeze(K, op.Constant(value_ints=[2])), expanded), flat)  # (B, Hq, S, d)
-    vr = op.Reshape(op.Expand(op.Unsqueeze(V, op.Constant(value_ints=[2])), expanded), flat)
-    kt = op.Transpose(kr, perm=[0, 1, 3, 2])
+    blk = op.Reshape(op.Constant(value_int=key_block), op.Constant(value_ints=[1]))
+    n_blocks = op.Squeeze(op.Div(op.Sub(op.Add(s_len, blk), op.Constant(value_ints=[1])), blk))
     s = op.Constant(value_int=chunk_len)
-    rel = op.Sub(op.Unsqueeze(op.Div(q_pos, s), op.Constant(value_ints=[2])),
-                 op.Unsqueeze(op.Div(k_pos, s), op.Constant(value_ints=[1])))  # (B, T, S)
-    rel = op.Unsqueeze(rel, op.Constant(value_ints=[1]))  # (B, 1, T, S)
-    scores = op.Where(op.Equal(rel, op.Constant(value_int=0)), op.MatMul(q_intra, kt),
-                      op.Where(op.Equal(rel, op.Constant(value_int=1)), op.MatMul(q_succ, kt),
-                               op.MatMul(q_inter, kt)))
-    scores = op.Mul(op.Cast(scores, to=1), op.Constant(value_float=scale))
-    masked = op.Where(allowed, scores, op.Constant(value_float=-3.4028234663852886e38))
-    probs = op.CastLike(op.Softmax(masked, axis=-1), V)
-    return op.MatMul(probs, vr)
+    q_chunk = op.Unsqueeze(op.Div(q_pos, s), op.Constant(value_ints=[1, 3]))  # (B, 1, T, 1)
+    neg = op.Constant(value_float=-3.4028234663852886e38)
+    row = op.Concat(b, hq, t_len, op.Constant(value_ints=[1]), axis=0)
+    m = op.Expand(neg, row)  # running max (B, Hq, T, 1), fp32
+    den = op.Expand(op.Constant(value_float=0.0), row)
+    acc = op.Expand(op.Constant(value_float=0.0), op.Concat(b, hq, t_len, d, axis=0))
+    for i in range(n_blocks):
+        lo = op.Mul(op.Reshape(i, op.Constant(value_ints=[1])), blk)
+        hi = op.Min(op.Add(lo, blk), s_len)
+        kb = op.Slice(K, lo, hi, op.Constant(value_ints=[2]))  # (B, Hkv, n, d)
+        vb = op.Slice(V, lo, hi, op.Constant(value_ints=[2]))
+        n = op.Sub(hi, lo)
+        expanded = op.Concat(b, hkv, groups, n, d, axis=0)
+        flat = op.Concat(b, hq, n, d, axis=0)
+        kt = op.Transpose(op.Reshape(op.Expand(op.Unsqueeze(kb, op.Constant(value_ints=[2])), expanded), flat),
+                          perm=[0, 1, 3, 2])  # (B, Hq, d, n)
+        vr = op.Reshape(op.Expand(op.Unsqueeze(vb, op.Constant(value_ints=[2])), expanded), flat)
+        k_chunk = op.Unsqueeze(op.Div(op.Slice(k_pos, lo, hi, op.Constant(value_ints=[1])), s),
+                               op.Constant(value_ints=[1, 2]))  # (B, 1, 1, n)
+        rel = op.Sub(q_chunk, k_chunk)  # (B, 1, T, n)
+        scores = op.Where(op.Equal(rel, op.Constant(value_int=0)), op.MatMul(q_intra, kt),
+                          op.Where(op.Equal(rel, op.Constant(value_int=1)), op.MatMul(q_succ, kt),
+                                   op.MatMul(q_inter, kt)))
+        scores = op.Mul(op.Cast(scores, to=1), op.Constant(value_float=scale))
+        ok = op.Slice(allowed, lo, hi, op.Constant(value_ints=[3]))
+        masked = op.Where(ok, scores, neg)
+        m_new = op.Max(m, op.ReduceMax(masked, op.Constant(value_ints=[-1]), keepdims=1))
+        p = op.Exp(op.Sub(masked, m_new))
+        corr = op.Exp(op.Sub(m, m_new))
+        den = op.Add(op.Mul(den, corr), op.ReduceSum(p, op.Constant(value_ints=[-1]), keepdims=1))
+        acc = op.Add(op.Mul(acc, corr), op.MatMul(p, op.Cast(vr, to=1)))
+        m = op.Identity(m_new)
+    return op.CastLike(op.Div(acc, den), V)
 
 
 _emit = onnxscript.values.Opset(DOMAIN, VERSION)
@@ -113,9 +141,12 @@ def _moe(x, router_logits, gate_proj, up_proj, down_proj, top_k: int, norm_topk_
     return _emit.MoE(x, router_logits, gate_proj, up_proj, down_proj, top_k=top_k, normalize=int(norm_topk_prob))
 
 
+DCA_KEY_BLOCK = 2048  # keys per block of DualChunkAttention's online softmax: bounds its working memory
+
+
 def _dca(q_intra, q_succ, q_inter, k, v, q_pos, k_pos, allowed, chunk_len: int, scale: float):
     return _emit.DualChunkAttention(q_intra, q_succ, q_inter, k, v, q_pos, k_pos, allowed, chunk_len=chunk_len,
-                                    scale=float(scale))
+                                    scale=float(scale), key_block=DCA_KEY_BLOCK)
 
 
 def translation_table() -> dict:
