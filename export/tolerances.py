@@ -38,3 +38,26 @@ GATE = {
 
 # Real 0.5B int4 export: perplexity on a fixed text may rise at most this much over the fp32 export.
 INT4_MAX_PERPLEXITY_INCREASE = 0.05
+
+# ---- Core ML ---------------------------------------------------------------------------------------------------
+# The saved .mlpackage executed op by op (export/coreml/mil_exec.py on Linux; Core ML itself on macOS) against the
+# fp32 PyTorch reference, prefill + 4 decode steps. Every Core ML export computes in fp16 (activations, KV-cache
+# states), so even "fp16" carries activation rounding; the compressed dtypes add their weight error on top.
+# Tiny random test models (logits of order 1): the arg-max of compressed weights is noise there, so those hold a
+# logit bound only and are checked tightly against the dequantized-weight wrapper (COREML_TINY_DEQUANTIZED).
+COREML_TINY = {
+    "fp16": Tolerance(1e-2, 0.9),
+    "int8": Tolerance(5e-2, 0.0),
+    "int4": Tolerance(0.5, 0.0),
+    "palettize4": Tolerance(0.5, 0.0),
+}
+# Package vs the stateful wrapper running the package's own dequantized weights in fp32: what remains is fp16
+# activation rounding, the same bound as COREML_TINY["fp16"].
+COREML_TINY_DEQUANTIZED = Tolerance(1e-2, 0.9)
+# Real checkpoints (logits of order 10-30, 24+ layers of fp16 rounding): the gate of every Core ML export.
+COREML_GATE = {
+    "fp16": Tolerance(1.0, 0.9),
+    "int8": Tolerance(2.0, 0.85),
+    "int4": Tolerance(8.0, 0.75),
+    "palettize4": Tolerance(8.0, 0.75),
+}
