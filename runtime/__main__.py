@@ -63,9 +63,11 @@ def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, to
     load_s = time.perf_counter() - t0
     params = r.default_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop_strings))
+    ids = r.encode_prompt(prompt, chat, system)
+    r.check_prompt(len(ids))  # before anything is printed
     if not chat:
         sys.stdout.write(prompt)
-    for piece in r.stream(prompt, params, chat=chat, system=system):
+    for piece in r.stream(ids, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

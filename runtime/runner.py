@@ -147,6 +147,12 @@ class Runner:
         return logits
 
     # ---- generation --------------------------------------------------------------------------------------------------
+    def check_prompt(self, n_tokens: int) -> None:
+        ctx = self.folder.context
+        if n_tokens > ctx:
+            raise Qwen2Error(f"the prompt has {n_tokens} tokens but the export's context is {ctx}: shorten the prompt "
+                             "or re-export with a larger --max-context")
+
     def default_config(self, **kw) -> GenerationConfig:
         """A config that stops on the export's end-of-sequence tokens unless `stop_token_ids` is given."""
         kw.setdefault("stop_token_ids", self.folder.eos_token_ids)
@@ -158,10 +164,7 @@ class Runner:
         contract (`qwen2_ref.generate.generate`). `stop_check(row, token) -> bool` ends a row early (stop strings)."""
         chunk = self.settings.prefill_chunk if prefill_chunk is None else prefill_chunk
         ctx = self.folder.context
-        longest = max((len(p) for p in prompts), default=0)
-        if longest > ctx:
-            raise Qwen2Error(f"the prompt has {longest} tokens but the export's context is {ctx}: shorten the prompt "
-                             "or re-export with a larger --max-context")
+        self.check_prompt(max((len(p) for p in prompts), default=0))
         ids_t, mask_t = left_pad(prompts, self.folder.pad_token_id)
         ids, mask = ids_t.numpy(), mask_t.numpy()
         B, T = ids.shape

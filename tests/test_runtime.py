@@ -269,4 +269,4 @@ def test_real_stop_string_and_chat(real_runner):
 def test_real_prompt_longer_than_context_cli(real_runner, monkeypatch, capsys):
     code, out = run_main(monkeypatch, capsys, "generate", "--model", str(real_runner.folder.path),
                          "--prompt", "word " * 33000, "--max-new-tokens", "1")
-    assert code == 2 and "but the export's context is 32768" in out.err
+    assert code == 2 and "but the export's context is 32768" in out.err and out.out == ""
