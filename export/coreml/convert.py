@@ -83,7 +83,9 @@ def compression_config(dtype: str):
         op = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)
     else:
         raise ValueError(dtype)
-    return cto.OptimizationConfig(global_config=op)
+    # Only the weights of linear layers and the embedding (a gather): a global config would also compress the
+    # RoPE tables (context x head_dim, above the size threshold) and wreck every position.
+    return cto.OptimizationConfig(op_type_configs={"linear": op, "gather": op})
 
 
 def compress(mlmodel, dtype: str):
