@@ -95,12 +95,14 @@ def peer_llama_cpp(gguf: str, runs: int) -> dict:
     long, short = bench_prompt(PROMPT, 151936), bench_prompt(PROMPT, 151936)[:16]
     pre, ttft, dec = [], [], []
     for _ in range(runs):
+        llm.reset()  # else generate() reuses the cached prefix of the previous run
         g = llm.generate(long, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
         t0 = time.perf_counter()
         next(g)
         ttft.append(time.perf_counter() - t0)
         g.close()
         pre.append(PROMPT / ttft[-1])
+        llm.reset()
         g = llm.generate(short, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
         dec.append(timed_stream(lambda: next(g), lambda: (next(g) for _ in range(NEW - 1)))[1])
         g.close()
