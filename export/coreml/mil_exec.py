@@ -49,6 +49,7 @@ class MILModel:
         self.func = self.program.functions[function]
         self._consts: dict[str, np.ndarray] = {}  # const and dequantized constexpr values, computed once
         self._states = {n: v for n, v in self.func.inputs.items() if _is_state(v)}
+        self._order = {id(op): i for i, op in enumerate(self.func.operations)}
 
     # ---- MLModel-like API ---------------------------------------------------------------------------------
     def make_state(self) -> dict[str, np.ndarray]:
@@ -258,9 +259,12 @@ def _slice_by_index(op, x, m):
 
 
 def _slice_update(op, x, m):
-    # In place when nothing else reads `x` (the cache read just before a state write): saves copying the cache.
+    # In place when every other reader of `x` has already run (the cache between two state writes): saves copying
+    # the whole cache twice per layer.
     data = np.asarray(x("x"))
-    if len(op.x.child_ops) != 1 or op.x in op.enclosing_block.outputs:
+    mine = m._order[id(op)]
+    if op.x in op.enclosing_block.outputs or any(m._order.get(id(c), mine + 1) > mine
+                                                 for c in op.x.child_ops if c is not op):
         data = data.copy()
     sl, squeeze = _slice_bounds(op, x, data.shape)
     upd = np.asarray(x("update"))
