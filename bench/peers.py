@@ -4,7 +4,9 @@ real Qwen2.5-Coder-0.5B-Instruct, 2 threads, greedy, batch 1. A benchmark: print
     python bench/peers.py --ours int4=exports/qwen2-0.5b-int4 --ours fp32=exports/qwen2-0.5b-fp32 \
         [--genai-python /tmp/genai-b/bin/python] [--skip optimum] [--runs 3]
 
-Each peer runs in its own process (so peak RSS is that peer's alone) and reports the median of `--runs` runs:
+Each peer runs in its own process (so peak RSS is that peer's alone) and reports the median of `--runs` runs
+(the table also shows the 1-minute load average before/after each peer: decode with 2 spinning threads on 2 cores
+slows down several-fold when anything else runs, by different amounts for different peers):
 prefill tok/s = 512-token prompt to the first new token (TTFT), decode tok/s = the 127 tokens after the first of a
 128-token greedy run from a 16-token prompt. Token ids are fixed pseudo-random ids (runtime.bench.bench_prompt),
 the same for every peer. Memory read bandwidth is measured in the same run (numpy, 2 threads) and turned into the
@@ -281,13 +283,15 @@ def main(ctx, ours, gguf, genai_python, skip, runs, json_out):
 
     def one(label: str, peer: str, target: str, python: str = sys.executable) -> None:
         cmd = [python, str(Path(__file__).resolve()), "one", peer, target, "--runs", str(runs)]
+        load0 = os.getloadavg()[0]
         r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"QWEN2_QUIET": "1"})
         if r.returncode:
             print(f"{label}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})",
                   file=sys.stderr)
             rows.append({"peer": label, "error": r.stderr.strip()[-2000:]})
             return
-        rows.append({"peer": label} | json.loads(r.stdout.strip().splitlines()[-1]))
+        rows.append({"peer": label} | json.loads(r.stdout.strip().splitlines()[-1])
+                    | {"load": f"{load0:.1f}/{os.getloadavg()[0]:.1f}"})
         print(f"{label}: {rows[-1]}", file=sys.stderr)
 
     bw = bandwidth_gbs()
@@ -314,14 +318,15 @@ def main(ctx, ours, gguf, genai_python, skip, runs, json_out):
     print(f"\nmachine: {os.cpu_count()} CPUs, {THREADS} threads; read bandwidth {bw:.1f} / {bw2:.1f} GB/s "
           f"(numpy, {THREADS} threads, before / after); fp32 weights read per token {read / 1e6:.0f} MB -> fp32 decode "
           f"bound {bound:.1f} tok/s\n")
-    print(f"| peer | prefill tok/s ({PROMPT}) | decode tok/s ({NEW}) | TTFT s | peak RSS MiB | size on disk MiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"| peer | prefill tok/s ({PROMPT}) | decode tok/s ({NEW}) | TTFT s | peak RSS MiB | size on disk MiB "
+          "| load before/after |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['peer']} | failed | | | | |")
+            print(f"| {r['peer']} | failed | | | | | |")
         else:
             print(f"| {r['peer']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['ttft_s']:.3f} | "
-                  f"{r['peak_rss_mib']:.0f} | {r['size_mib']:.0f} |")
+                  f"{r['peak_rss_mib']:.0f} | {r['size_mib']:.0f} | {r['load']} |")
     if json_out:
         Path(json_out).write_text(json.dumps({"bandwidth_gbs": [bw, bw2], "fp32_bound_tok_s": bound, "rows": rows},
                                              indent=2))
