@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("coremltools")
 
@@ -20,7 +19,6 @@ import devices  # noqa: E402
 from export.coreml import PACKAGE, SIDECAR, ParityError, export_coreml, verify  # noqa: E402
 from export.coreml.convert import NeuralEngineOptions, wrap  # noqa: E402
 from export.coreml.mil_exec import MILModel  # noqa: E402
-from export.coreml.model import causal_mask  # noqa: E402
 from export.tolerances import COREML_GATE, COREML_TINY, COREML_TINY_DEQUANTIZED  # noqa: E402
 from qwen2_ref.checkpoint import resolve_checkpoint  # noqa: E402
 

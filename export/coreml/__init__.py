@@ -10,7 +10,9 @@ Output folder:
 from __future__ import annotations
 
 import json
+import logging
 import resource
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +30,11 @@ from ..output import staged_folder
 from ..tolerances import COREML_GATE, Tolerance
 from . import verify
 from .convert import DTYPES, NeuralEngineOptions, compress, convert, describe, wrap
+
+# Off macOS coremltools warns at import that Core ML's runtime is missing and that torch 2.13 is untested: known
+# (FACTS.md), and not the user's business; errors still show.
+if sys.platform != "darwin":
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 PACKAGE = "Qwen2.mlpackage"
 SIDECAR = "qwen2_coreml.json"
