@@ -4,9 +4,10 @@ real Qwen2.5-Coder-0.5B-Instruct, 2 threads, greedy, batch 1. A benchmark: print
     python bench/peers.py --ours int4=exports/qwen2-0.5b-int4 --ours fp32=exports/qwen2-0.5b-fp32 \
         [--genai-python /tmp/genai-b/bin/python] [--skip optimum] [--runs 3]
 
-Each peer runs in its own process (so peak RSS is that peer's alone) and reports the median of `--runs` runs
-(the table also shows the 1-minute load average before/after each peer: decode with 2 spinning threads on 2 cores
-slows down several-fold when anything else runs, by different amounts for different peers):
+Each run of each peer is its own process (so peak RSS is that peer's alone); the peers take turns, one run each
+per round, `--runs` rounds, and the table shows medians (peak RSS: the largest). Round-robin because decode with
+2 spinning threads on 2 cores slows down several-fold when anything else runs on the machine: a round's peers
+meet the same conditions, and the load average during the runs is printed with the table.
 prefill tok/s = 512-token prompt to the first new token (TTFT), decode tok/s = the 127 tokens after the first of a
 128-token greedy run from a 16-token prompt. Token ids are fixed pseudo-random ids (runtime.bench.bench_prompt),
 the same for every peer. Memory read bandwidth is measured in the same run (numpy, 2 threads) and turned into the
@@ -279,57 +280,60 @@ def main(ctx, ours, gguf, genai_python, skip, runs, json_out):
     import devices
 
     gguf = gguf or str(fetch_real_model())
-    rows = []
-
-    def one(label: str, peer: str, target: str, python: str = sys.executable) -> None:
-        cmd = [python, str(Path(__file__).resolve()), "one", peer, target, "--runs", str(runs)]
-        load0 = os.getloadavg()[0]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"QWEN2_QUIET": "1"})
-        if r.returncode:
-            print(f"{label}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})",
-                  file=sys.stderr)
-            rows.append({"peer": label, "error": r.stderr.strip()[-2000:]})
-            return
-        rows.append({"peer": label} | json.loads(r.stdout.strip().splitlines()[-1])
-                    | {"load": f"{load0:.1f}/{os.getloadavg()[0]:.1f}"})
-        print(f"{label}: {rows[-1]}", file=sys.stderr)
-
-    bw = bandwidth_gbs()
-    for spec in ours:
-        label, _, path = spec.partition("=")
-        one(f"ours {label}", "ours", path)
+    jobs = [(f"ours {label}", "ours", path, sys.executable)
+            for label, _, path in (spec.partition("=") for spec in ours)]
     if "llama_cpp" not in skip:
-        one("llama.cpp Q4_K_M", "llama_cpp", gguf)
+        jobs.append(("llama.cpp Q4_K_M", "llama_cpp", gguf, sys.executable))
     if "optimum" not in skip:
-        one("optimum + ORT fp32", "optimum", gguf)
+        optimum_export(gguf)  # built once, outside the timed runs
+        jobs.append(("optimum + ORT fp32", "optimum", gguf, sys.executable))
     if "genai" not in skip:
         try:
-            genai = genai_build(gguf, genai_python)
-            one("onnxruntime-genai int4", "genai", str(genai), genai_python)
+            jobs.append(("onnxruntime-genai int4", "genai", str(genai_build(gguf, genai_python)), genai_python))
         except (OSError, subprocess.CalledProcessError) as e:
             print(f"onnxruntime-genai: builder failed ({e})", file=sys.stderr)
-            rows.append({"peer": "onnxruntime-genai int4", "error": str(e)})
     if "eager" not in skip:
-        one("PyTorch eager fp32 (qwen2_ref)", "eager", gguf)
-    bw2 = bandwidth_gbs()
+        jobs.append(("PyTorch eager fp32 (qwen2_ref)", "eager", gguf, sys.executable))
+    results: dict[str, list[dict]] = {label: [] for label, *_ in jobs}
+    loads: list[float] = []
+    bws = [bandwidth_gbs()]
+    # Round-robin: every peer once per round, so each round's peers meet the same machine (others' load drifts).
+    for rnd in range(runs):
+        for label, peer, target, python in jobs:
+            loads.append(os.getloadavg()[0])
+            r = subprocess.run([python, str(Path(__file__).resolve()), "one", peer, target, "--runs", "1"],
+                               capture_output=True, text=True, env=os.environ | {"QWEN2_QUIET": "1"})
+            if r.returncode:
+                err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else str(r.returncode)
+                print(f"{label}: failed ({err})", file=sys.stderr)
+                continue
+            results[label].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(f"round {rnd + 1} {label}: {results[label][-1]} (load {loads[-1]:.1f})", file=sys.stderr)
+        bws.append(bandwidth_gbs())
     cfg = open_checkpoint(gguf).config
     read = devices.weight_bytes(cfg, "fp32")[1]
-    bound = max(bw, bw2) * 1e9 / read  # the best the machine delivered: other load only lowers a reading
-    print(f"\nmachine: {os.cpu_count()} CPUs, {THREADS} threads; read bandwidth {bw:.1f} / {bw2:.1f} GB/s "
-          f"(numpy, {THREADS} threads, before / after); fp32 weights read per token {read / 1e6:.0f} MB -> fp32 decode "
-          f"bound {bound:.1f} tok/s\n")
-    print(f"| peer | prefill tok/s ({PROMPT}) | decode tok/s ({NEW}) | TTFT s | peak RSS MiB | size on disk MiB "
-          "| load before/after |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['peer']} | failed | | | | | |")
-        else:
-            print(f"| {r['peer']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['ttft_s']:.3f} | "
-                  f"{r['peak_rss_mib']:.0f} | {r['size_mib']:.0f} | {r['load']} |")
+    bound = max(bws) * 1e9 / read  # the best the machine delivered: other load only lowers a reading
+    print(f"\nmachine: {os.cpu_count()} CPUs, {THREADS} threads; read bandwidth best {max(bws):.1f} GB/s "
+          f"(numpy, {THREADS} threads, readings {', '.join(f'{b:.1f}' for b in bws)}); fp32 weights read per token "
+          f"{read / 1e6:.0f} MB -> fp32 decode bound {bound:.1f} tok/s; 1-min load average during the runs "
+          f"{min(loads):.1f}-{max(loads):.1f}\n")
+    print(f"| peer | prefill tok/s ({PROMPT}) | decode tok/s ({NEW}) | TTFT s | peak RSS MiB | size on disk MiB |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for label, got in results.items():
+        if not got:
+            print(f"| {label} | failed | | | | |")
+            continue
+        row = {"peer": label, "runs": len(got)} | {k: statistics.median(g[k] for g in got) for k in
+                                                  ("prefill_tok_s", "decode_tok_s", "ttft_s", "size_mib")}
+        row["peak_rss_mib"] = max(g["peak_rss_mib"] for g in got)
+        row["decode_all"] = [round(g["decode_tok_s"], 1) for g in got]
+        rows.append(row)
+        print(f"| {label} | {row['prefill_tok_s']:.1f} | {row['decode_tok_s']:.1f} | {row['ttft_s']:.3f} | "
+              f"{row['peak_rss_mib']:.0f} | {row['size_mib']:.0f} |")
     if json_out:
-        Path(json_out).write_text(json.dumps({"bandwidth_gbs": [bw, bw2], "fp32_bound_tok_s": bound, "rows": rows},
-                                             indent=2))
+        Path(json_out).write_text(json.dumps({"bandwidth_gbs": bws, "fp32_bound_tok_s": bound, "loads": loads,
+                                              "rows": rows, "raw": results}, indent=2))
 
 
 @main.command()
