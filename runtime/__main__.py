@@ -71,6 +71,7 @@ def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, to
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     s = r.stats
     click.echo(f"[{', '.join(r.session.active)} | load {load_s:.1f} s | prefill {s.prompt_tokens} tok "
                f"{s.prefill_tok_s:.1f} tok/s (first token {s.prefill_s:.2f} s) | decode {s.new_tokens} tok "

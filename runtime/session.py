@@ -86,6 +86,7 @@ def build_session(onnx_path: Path, s: SessionSettings) -> Session:
     if s.threads:
         opts.intra_op_num_threads = s.threads
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: load-time notes (e.g. the overridable logits_to_keep) are not for users
     if s.profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = s.profile_prefix
