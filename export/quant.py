@@ -57,6 +57,10 @@ class Quantized:
         out = {"B": b.reshape(n, nb, spec.block * spec.bits // 8), "scales": self.scales.reshape(-1)}
         if spec.float_zp:
             out["zero_points"] = self.zero_points.astype(np.float32).reshape(-1)
+            # the same blocks as symmetric 4-bit (zero point 2^(bits-1)) plus a per-block offset: (q − zp)·s =
+            # (q − 8)·s + (8 − zp)·s, so x·wᵀ = MatMulNBits(x, no zero points) + blocksum(x) @ offsets
+            half = float(1 << (spec.bits - 1))
+            out["offsets"] = (self.scales * (half - self.zero_points.astype(np.float32))).astype(np.float32)
         elif spec.bits == 8:
             out["zero_points"] = self.zero_points.astype(np.uint8).reshape(-1)
         else:

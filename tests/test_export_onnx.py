@@ -142,6 +142,40 @@ def test_hf_checkpoint_export_matches_transformers_weights(make_hf_checkpoint, t
     assert np.abs(got - want).max() <= TINY["fp32"].max_abs_logits * max(1.0, float(np.abs(want).max()))
 
 
+def test_float_zero_points_as_symmetric_blocks_plus_offsets():
+    """Q4_K-style blocks (float zero points) as the exporter lowers them: MatMulNBits with no zero points (ORT's
+    fast symmetric kernel, zero point 8) + blocksum(x) @ offsets, equal to x @ dequant(W)ᵀ."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 128, generator=g)
+    q = quantize_rtn(w, QuantSpec(4, 32))
+    q.zero_points = q.zero_points.astype(np.float32) + np.linspace(-3.3, 2.7, q.zero_points.size, dtype=np.float32
+                                                                   ).reshape(q.zero_points.shape)
+    q.spec = QuantSpec(4, 32, True)
+    packed = q.pack()
+    assert packed["offsets"].shape == (40, 4)
+    nodes = [helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y0"], domain="com.microsoft", K=128, N=40,
+                              bits=4, block_size=32, accuracy_level=0),
+             helper.make_node("Reshape", ["x", "shape"], ["xb"]),
+             helper.make_node("ReduceSum", ["xb", "axes"], ["xs"], keepdims=0),
+             helper.make_node("MatMul", ["xs", "offsets"], ["y1"]),
+             helper.make_node("Add", ["y0", "y1"], ["y"])]
+    inits = [numpy_helper.from_array(packed["B"], "B"), numpy_helper.from_array(packed["scales"], "scales"),
+             numpy_helper.from_array(np.ascontiguousarray(packed["offsets"].T), "offsets"),
+             numpy_helper.from_array(np.array([0, 0, 4, 32], dtype=np.int64), "shape"),
+             numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 128, generator=g).numpy()
+    want = x @ q.dequantize().T
+    got = sess.run(None, {"x": x})[0]
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, 32), QuantSpec(8, 16), QuantSpec(4, 32, True)])
 def test_matmulnbits_packing_matches_dequantized_weights(spec):
     """Our packing, run by ORT's MatMulNBits kernel, equals x @ dequant(W)ᵀ computed in numpy."""

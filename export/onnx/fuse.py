@@ -1,4 +1,4 @@
-"""Fused lowerings: rewrite traced subgraphs into ONNX Runtime's own kernels (chosen by `--fused`).
+"""Fused lowerings: rewrite traced subgraphs into ONNX Runtime's own kernels (`--lowering fused`, the default).
 
 - RMSNorm (Cast -> Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Reciprocal -> Mul -> Cast -> Mul weight)
   -> `SimplifiedLayerNormalization` (ORT kernel in the default domain; computes in fp32, stash_type 1).

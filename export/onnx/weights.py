@@ -123,7 +123,7 @@ class WeightStreamer:
                 outs = list(use.outputs)
                 if use.kind == "quantized+plain":
                     self._attach_float(outs.pop(0), use.source)
-                self._attach_quantized(outs, use.source, use.spec)
+                self._attach_quantized(outs, use.source, use.spec, use.keys)
             else:
                 self._attach_float(use.outputs[0], use.source)
 
@@ -166,15 +166,17 @@ class WeightStreamer:
         for key, v in zip(keys, outs):
             v.const_value = StreamedTensor(make(key, v), v.dtype, tuple(v.shape.numpy()), v.name)
 
-    def _attach_quantized(self, outs: list[ir.Value], param: str, spec: QuantSpec) -> None:
+    def _attach_quantized(self, outs: list[ir.Value], param: str, spec: QuantSpec,
+                          keys: tuple[str, ...] = ("B", "scales", "zero_points")) -> None:
         cache: dict[str, np.ndarray] = {}
-        keys = ("B", "scales", "zero_points")
 
         def make(key: str, value: ir.Value):
             def blocks() -> Iterator[np.ndarray]:
                 if not cache:
-                    cache.update(self.quantize(param, spec))
+                    cache.update({k: v for k, v in self.quantize(param, spec).items() if k in keys})
                 arr = cache.pop(key)  # each packed tensor is written once, then freed
+                if key == "offsets":  # (N, K/block) per row -> (K/block, N): the right operand of a MatMul
+                    arr = arr.T
                 yield arr.astype(NUMPY[value.dtype]).reshape(tuple(value.shape.numpy()))
             return blocks
 
