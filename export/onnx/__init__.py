@@ -18,7 +18,7 @@ from qwen2_ref.weights import load_into, validate
 
 from ..output import staged_folder
 from ..tolerances import GATE, Tolerance
-from .fuse import fuse_rms_norm, fuse_skip_rms_norm
+from .fuse import fold_matmulnbits_bias, fuse_rms_norm, fuse_skip_rms_norm, share_attention_inputs
 from .fused import fuse_moe
 from .graph import OPSET, add_logits_to_keep, lower_linears, ops_histogram, trace
 from .metadata import write_metadata
@@ -69,6 +69,10 @@ def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requant
                    "MoE": fuse_moe(model, uses, _expert_quant(cfg) if dtype == "int4" else None),
                    "SimplifiedLayerNormalization": fuse_rms_norm(model)}
         fusions["SkipSimplifiedLayerNormalization"] = fuse_skip_rms_norm(model)
+        fusions["shared attention inputs"] = share_attention_inputs(model)
+    if dtype == "int4":
+        folded = fold_matmulnbits_bias(model)
+        fusions = (fusions or {}) | {"MatMulNBits bias": folded}
     streamer.attach(uses)
     t_trace = time.perf_counter() - t0
     model.producer_name, model.producer_version = "qwen2-export", "0.1.0"

@@ -117,3 +117,56 @@ def _drop_dead(g: ir.Graph) -> None:
             if all(not o.uses() and not o.is_graph_output() for o in n.outputs):
                 g.remove(n, safe=True)
                 changed = True
+
+
+def fold_matmulnbits_bias(model: ir.Model) -> int:
+    """MatMulNBits(x) -> Add(bias) => MatMulNBits(x, ..., bias): the Q/K/V biases ride in the kernel (its optional
+    6th input), three nodes fewer per layer. Returns how many were folded."""
+    g = model.graph
+    count = 0
+    for mm in [n for n in g if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN and len(n.inputs) <= 4]:
+        uses = list(mm.outputs[0].uses())
+        if len(uses) != 1 or mm.outputs[0].is_graph_output():
+            continue
+        add = uses[0][0]
+        if add.op_type != "Add" or add.domain != "":
+            continue
+        bias = add.inputs[1 - uses[0][1]]
+        n_out = mm.attributes["N"].as_int()
+        if bias is None or not bias.is_initializer() or bias.shape is None or list(bias.shape) != [n_out]:
+            continue
+        ins = list(mm.inputs) + [None] * (4 - len(mm.inputs)) + [None, bias]
+        new = ir.Node(MS_DOMAIN, "MatMulNBits", ins, list(mm.attributes.values()), name=mm.name)
+        g.insert_before(mm, new)
+        out = add.outputs[0]
+        name, shape, typ = out.name, out.shape, out.type
+        out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+        out.name = f"{name}.__folded"
+        new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = name, shape, typ
+        g.remove(add, safe=True)
+        g.remove(mm, safe=True)
+        count += 1
+    return count
+
+
+# GroupQueryAttention inputs computed from the attention mask and the step's shapes alone: the same in every layer
+_GQA_SHARED = {5: "seqlens_k", 6: "total_sequence_length", 10: "attention_bias", 16: "query_seqlens"}
+
+
+def share_attention_inputs(model: ir.Model) -> int:
+    """Every layer's GroupQueryAttention gets the first layer's seqlens_k / total_sequence_length / attention_bias
+    / query_seqlens (the trace computes them per layer; ORT's CSE cannot merge them because each hangs off its
+    own layer's query shape). Returns how many inputs were redirected; the per-layer copies are dropped."""
+    g = model.graph
+    gqa = [n for n in g if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
+    count = 0
+    for node in gqa[1:]:
+        for i in _GQA_SHARED:
+            if i < len(node.inputs) and i < len(gqa[0].inputs):
+                mine, first = node.inputs[i], gqa[0].inputs[i]
+                if mine is not None and first is not None and mine is not first:
+                    node.replace_input_with(i, first)
+                    count += 1
+    if count:
+        _drop_dead(g)
+    return count
