@@ -1,10 +1,13 @@
 """Output folders that appear whole or not at all: build in a hidden temporary folder beside the destination,
-verify, then rename into place. An error or Ctrl-C removes the temporary folder."""
+verify, then rename into place. An error, Ctrl-C or a `kill` (SIGTERM/SIGHUP) removes the temporary folder."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
+import threading
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,11 +33,15 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     out = Path(out)
     check_destination(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    previous = _raise_on_termination()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -42,3 +49,24 @@ def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class Terminated(SystemExit):
+    """SIGTERM/SIGHUP during an export: unwinds like Ctrl-C so the temporary folder is removed."""
+
+
+def _raise_on_termination() -> dict:
+    """A job scheduler's `kill` must not leave a half-written folder: turn SIGTERM/SIGHUP into an exception
+    (exit status 128 + signal). Returns the handlers to restore. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        print(f"terminated by signal {signum}: the partial output is removed", file=sys.stderr, flush=True)
+        raise Terminated(128 + signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+    return previous

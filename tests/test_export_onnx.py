@@ -7,6 +7,7 @@ own comparison on a left-padded batch of 2 over prefill + 4 decode steps.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -112,6 +113,28 @@ def test_parity_failure_leaves_nothing(tmp_path):
     with pytest.raises(ParityError, match="parity gate failed"):
         export_onnx(ckpt, out, "int4", tolerance=Tolerance(1e-9, 1.0))
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_killed_export_leaves_nothing(tmp_path, sig):
+    """A job scheduler's kill while weights are being written: the half-written folder goes, the exit status says
+    which signal, and an existing output stays as it was."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from export.output import staged_folder\n"
+        f"with staged_folder(Path({str(out)!r}), overwrite=True) as tmp:\n"
+        "    (tmp / 'model.onnx.data').write_bytes(b'0' * 4096)\n"
+        f"    os.kill(os.getpid(), signal.{sig})\n"
+        "    time.sleep(30)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + getattr(signal, sig), r.stderr
+    assert "partial output is removed" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "keep.txt").read_text() == "mine"
 
 
 def test_existing_output_refused_without_overwrite(tmp_path):
