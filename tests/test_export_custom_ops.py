@@ -87,6 +87,11 @@ def test_moe_lower_precisions(export, dtype, lowering):
     p = check_parity(session(out), reference_model(ckpt), prompts, 4, tol)
     assert p.max_abs_logits <= tol.max_abs_logits and p.top1_agreement >= tol.min_top1_agreement, p
     if dtype == "int4":  # experts stay float in the function form; attention/MLP/head are int4
+        # the shared expert (traced as Gemm on flattened tokens) is int4 too; only the two routers stay float
+        m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        floats = [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                  and not i.name.startswith("rope_") and not i.name.endswith(".scales")]
+        assert floats and all(n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) for n in floats), floats
         d = check_parity(session(out), dequantized_reference(ckpt, report), prompts, 4, TINY_INT4_DEQUANTIZED)
         assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
         assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d
