@@ -7,8 +7,8 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator

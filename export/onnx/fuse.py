@@ -136,14 +136,7 @@ def fold_matmulnbits_bias(model: ir.Model) -> int:
         if bias is None or not bias.is_initializer() or bias.shape is None or list(bias.shape) != [n_out]:
             continue
         ins = list(mm.inputs) + [None] * (4 - len(mm.inputs)) + [None, bias]
-        new = ir.Node(MS_DOMAIN, "MatMulNBits", ins, list(mm.attributes.values()), name=mm.name)
-        g.insert_before(mm, new)
-        out = add.outputs[0]
-        name, shape, typ = out.name, out.shape, out.type
-        out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-        out.name = f"{name}.__folded"
-        new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = name, shape, typ
-        g.remove(add, safe=True)
+        _replace(g, add, ir.Node(MS_DOMAIN, "MatMulNBits", ins, list(mm.attributes.values()), name=mm.name))
         g.remove(mm, safe=True)
         count += 1
     return count

@@ -204,29 +204,11 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
         n_out, k_in = w.shape[0], w.shape[1]
         spec = quant.get(w.name) if quant else None
         if spec is not None and _offsets_apply(spec, k_in, consumers) and not gathered:
-            _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in)
-            uses[w.name] = WeightUse(w.name, "quantized", [g.initializers[f"{w.name}.q4"],
-                                                          g.initializers[f"{w.name}.scales"],
-                                                          g.initializers[f"{w.name}.offsets"]],
-                                     spec, keys=("B", "scales", "offsets"))
+            uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in)
         elif spec is not None:
-            shapes = spec.shapes(n_out, k_in)
-            fdt = ir.DataType.FLOAT
-            zdt = fdt if spec.float_zp else ir.DataType.UINT8
-            b = _initializer(f"{w.name}.q{spec.bits}", ir.DataType.UINT8, shapes["B"])
-            sc = _initializer(f"{w.name}.scales", fdt, shapes["scales"])
-            zp = _initializer(f"{w.name}.zero_points", zdt, shapes["zero_points"])
-            for v in (b, sc, zp):
-                g.register_initializer(v)
-            for mm in consumers:
-                new = _node(MS_DOMAIN, "MatMulNBits", [mm.inputs[0], b, sc, zp],
-                              {"K": k_in, "N": n_out, "bits": spec.bits, "block_size": spec.block,
-                                          "accuracy_level": accuracy_level},
-                              name=f"{w.name}/MatMulNBits")
-                _replace(g, mm, new)
-            uses[w.name] = WeightUse(w.name, "quantized", [b, sc, zp], spec)
+            uses[w.name] = _matmul_nbits(g, w, consumers, spec, n_out, k_in, accuracy_level)
             if gathered:  # tied: the embedding gathers from the head's quantized blocks (stored once)
-                if not _gather_quantized(g, w, spec, (b, sc, zp)):
+                if not _gather_quantized(g, w, spec, tuple(uses[w.name].outputs)):
                     uses[w.name].outputs.insert(0, w)  # float zero points: GatherBlockQuantized can't; keep floats
                     uses[w.name].kind = "quantized+plain"
         elif gathered or w.shape[0] > 65536:
@@ -309,7 +291,7 @@ def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, We
     """Linears traced as `Gemm(x2d, W, transB=1)` (the MoE block's shared expert works on flattened tokens) become
     MatMulNBits like the MatMul ones; without this a 57B-A14B int4 export kept 23 GB of fp32 shared experts."""
     for node in [n for n in g if n.op_type == "Gemm" and n.domain == ""]:
-        x, w = node.inputs[0], node.inputs[1]
+        w = node.inputs[1]
         c = node.inputs[2] if len(node.inputs) > 2 else None
         spec = quant.get(w.name) if w is not None else None
         if spec is None or not w.is_initializer() or len(w.shape or ()) != 2 or uses[w.name].kind != "plain":
@@ -323,30 +305,32 @@ def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, We
         consumers = [u for u, _ in w.uses()]
         n_out, k_in = w.shape[0], w.shape[1]
         if c is None and _offsets_apply(spec, k_in, consumers):
-            _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in)
-            uses[w.name] = WeightUse(w.name, "quantized", [g.initializers[f"{w.name}.q4"],
-                                                          g.initializers[f"{w.name}.scales"],
-                                                          g.initializers[f"{w.name}.offsets"]],
-                                     spec, keys=("B", "scales", "offsets"))
-            continue
-        shapes = spec.shapes(n_out, k_in)
-        zdt = ir.DataType.FLOAT if spec.float_zp else ir.DataType.UINT8
-        b = _initializer(f"{w.name}.q{spec.bits}", ir.DataType.UINT8, shapes["B"])
-        sc = _initializer(f"{w.name}.scales", ir.DataType.FLOAT, shapes["scales"])
-        zp = _initializer(f"{w.name}.zero_points", zdt, shapes["zero_points"])
-        for v in (b, sc, zp):
-            g.register_initializer(v)
-        for gemm in consumers:
-            bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
-            ins = [gemm.inputs[0], b, sc, zp] + ([None, bias] if bias is not None else [])
-            _replace(g, gemm, _node(MS_DOMAIN, "MatMulNBits", ins,
-                                    {"K": k_in, "N": n_out, "bits": spec.bits, "block_size": spec.block,
-                                     "accuracy_level": accuracy_level}, name=f"{w.name}/MatMulNBits"))
-        uses[w.name] = WeightUse(w.name, "quantized", [b, sc, zp], spec)
+            uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in)
+        else:
+            uses[w.name] = _matmul_nbits(g, w, consumers, spec, n_out, k_in, accuracy_level)
+
+
+def _matmul_nbits(g: ir.Graph, w: ir.Value, consumers: list[ir.Node], spec: QuantSpec, n_out: int, k_in: int,
+                  accuracy_level: int) -> WeightUse:
+    """Each consumer (`MatMul(x, Wᵀ)` or `Gemm(x, W, transB=1[, bias])`) -> `MatMulNBits(x, W quantized[, bias])`."""
+    shapes = spec.shapes(n_out, k_in)
+    zdt = ir.DataType.FLOAT if spec.float_zp else ir.DataType.UINT8
+    b = _initializer(f"{w.name}.q{spec.bits}", ir.DataType.UINT8, shapes["B"])
+    sc = _initializer(f"{w.name}.scales", ir.DataType.FLOAT, shapes["scales"])
+    zp = _initializer(f"{w.name}.zero_points", zdt, shapes["zero_points"])
+    for v in (b, sc, zp):
+        g.register_initializer(v)
+    for node in consumers:
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        ins = [node.inputs[0], b, sc, zp] + ([None, bias] if bias is not None else [])
+        _replace(g, node, _node(MS_DOMAIN, "MatMulNBits", ins,
+                                {"K": k_in, "N": n_out, "bits": spec.bits, "block_size": spec.block,
+                                 "accuracy_level": accuracy_level}, name=f"{w.name}/MatMulNBits"))
+    return WeightUse(w.name, "quantized", [b, sc, zp], spec)
 
 
 def _matmul_nbits_with_offsets(g: ir.Graph, w: ir.Value, consumers: list[ir.Node], spec: QuantSpec, n_out: int,
-                               k_in: int) -> None:
+                               k_in: int) -> WeightUse:
     """Blocks with float zero points (GGUF Q4_K, Q4_1: w = s·q − m) without ORT's slow float-zero-point kernel:
     `MatMulNBits(x, q, s)` (symmetric: zero point 8, the fast path) + `blocksum(x) @ offsets`, offsets (K/32, N)
     = s·(8 − zp) = 8·s − m. Exact in real arithmetic; the extra weight is one float per block per output.
@@ -377,6 +361,7 @@ def _matmul_nbits_with_offsets(g: ir.Graph, w: ir.Value, consumers: list[ir.Node
         for n in nodes:
             g.insert_before(mm, n)
         _replace(g, mm, _node("", "Add", [nbits.outputs[0], corr.outputs[0]], name=f"{tag}/plus_offsets"))
+    return WeightUse(w.name, "quantized", [b, sc, off], spec, keys=("B", "scales", "offsets"))
 
 
 def _node(domain: str, op: str, inputs, attrs: dict | None = None, name: str | None = None) -> ir.Node:
