@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,18 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen2_ref.config import DualChunkConfig, RopeScaling, from_name  # noqa: E402
+from qwen2_ref.memory import peak_rss_mib  # noqa: E402
 
 CFG = from_name("tiny").replace(
     max_position_embeddings=131072, rope_scaling=RopeScaling("yarn", 4.0, 32768),
     dual_chunk_attention_config=DualChunkConfig(chunk_size=8192, local_size=512))
-
-
-def rss_mib() -> float:
-    """This process's peak RSS (VmHWM: ru_maxrss would carry the parent's peak through fork+exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def one(folder: Path, n: int, chunk: int, check: bool) -> dict:
@@ -51,7 +43,7 @@ def one(folder: Path, n: int, chunk: int, check: bool) -> dict:
 
     ids = np.random.default_rng(n).integers(0, CFG.vocab_size, n)
     sess = session(folder, threads=2)
-    base = rss_mib()
+    base = peak_rss_mib()
     past, t0 = empty_past(sess, 1), time.perf_counter()
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
@@ -66,7 +58,7 @@ def one(folder: Path, n: int, chunk: int, check: bool) -> dict:
         got.append(logits[0, -1])
         toks.append(int(logits[0, -1].argmax()))
     out = {"tokens": n, "chunk": chunk, "prefill_s": round(prefill_s, 1), "session_rss_mib": round(base),
-           "peak_rss_mib": round(rss_mib()),
+           "peak_rss_mib": round(peak_rss_mib()),
            "kv_cache_mib": round(sum(p.nbytes for p in past) / 2**20, 1)}
     if check:
         ckpt = Checkpoint(Path("<random>"), CFG, RandomSource(CFG), "random", random_weights=True)
@@ -97,6 +89,7 @@ def main(lengths, chunk, check_up_to, one_run):
         print(json.dumps(one(Path(folder), n, chunk, bool(check))))
         return
     from export.onnx import export_onnx
+    from export.plan import make_plan
     from qwen2_ref.checkpoint import Checkpoint
     from qwen2_ref.weights import RandomSource
 
@@ -104,9 +97,9 @@ def main(lengths, chunk, check_up_to, one_run):
     with tempfile.TemporaryDirectory() as td:
         folder = Path(td) / "dca"
         ckpt = Checkpoint(Path("<random>"), CFG, RandomSource(CFG), "random", random_weights=True)
-        export_onnx(ckpt, folder, "fp32", context=131072, lowering="function")
-        print(f"| prompt tokens | DCA chunks | prefill chunk | prefill s | KV cache MiB | RSS after load MiB "
-              f"| peak RSS MiB | max abs dlogits vs reference (last chunk + 4 decode) |\n|---|---|---|---|---|---|---|---|")
+        export_onnx(ckpt, make_plan("onnx", ckpt, dtype="fp32", context=131072, lowering="function", out=folder))
+        print("| prompt tokens | DCA chunks | prefill chunk | prefill s | KV cache MiB | RSS after load MiB "
+              "| peak RSS MiB | max abs dlogits vs reference (last chunk + 4 decode) |\n|---|---|---|---|---|---|---|---|")
         for n in (int(x) for x in lengths.split(",")):
             r = subprocess.run([sys.executable, __file__, "--chunk", str(chunk), "--one-run", str(folder), str(n),
                                 str(int(n <= check_up_to))], capture_output=True, text=True)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -124,7 +123,7 @@ def main(experts, top_k, hidden, inter, tokens, threads):
     diff = max(float(np.abs(o - dense).max()) for o in outs.values())
     print(f"MoE layer: {experts} experts, top-{top_k}, hidden {hidden}, intermediate {inter}, {tokens} token(s), "
           f"{threads} threads (outputs agree with the dense form to {diff:.1e})")
-    print(f"| form | median ms | vs dense |\n|---|---|---|")
+    print("| form | median ms | vs dense |\n|---|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.3f} | {rows[0][1] / ms:.1f}x |")
 

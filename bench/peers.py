@@ -37,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.bench import bench_prompt, peak_rss_mib  # noqa: E402
+from qwen2_ref.memory import peak_rss_mib  # noqa: E402
+from runtime.bench import bench_prompt  # noqa: E402
 
 THREADS = 2
 PROMPT, NEW = 512, 128
@@ -277,7 +278,7 @@ def main(ctx, ours, gguf, genai_python, skip, runs, json_out):
     from qwen2_ref.checkpoint import open_checkpoint
     from qwen2_ref.hub import fetch_real_model
 
-    import devices
+    from export import precision, sizing
 
     gguf = gguf or str(fetch_real_model())
     jobs = [(f"ours {label}", "ours", path, sys.executable)
@@ -311,7 +312,7 @@ def main(ctx, ours, gguf, genai_python, skip, runs, json_out):
             print(f"round {rnd + 1} {label}: {results[label][-1]} (load {loads[-1]:.1f})", file=sys.stderr)
         bws.append(bandwidth_gbs())
     cfg = open_checkpoint(gguf).config
-    read = devices.weight_bytes(cfg, "fp32")[1]
+    read = sizing.weight_bytes(cfg, precision.get("onnx", "fp32"))[1]
     bound = max(bws) * 1e9 / read  # the best the machine delivered: other load only lowers a reading
     print(f"\nmachine: {os.cpu_count()} CPUs, {THREADS} threads; read bandwidth best {max(bws):.1f} GB/s "
           f"(numpy, {THREADS} threads, readings {', '.join(f'{b:.1f}' for b in bws)}); fp32 weights read per token "

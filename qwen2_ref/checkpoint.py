@@ -43,8 +43,7 @@ class Checkpoint:
             return Tokenizer.from_dir(folder)
         return None
 
-    def load_model(self, dtype: torch.dtype = torch.float32, progress: bool = True, seed: int = 0
-                   ) -> Qwen2ForCausalLM:
+    def load_model(self, dtype: torch.dtype = torch.float32, progress: bool = True) -> Qwen2ForCausalLM:
         model = empty_model(self.config, dtype)
         load_into(model, self.source, self.config, progress=progress)
         return model.eval()

@@ -69,7 +69,7 @@ class Attention(nn.Module):
         k = k.repeat_interleave(groups, dim=1)  # (B, Hq, S, hd)
         v = v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, Hq, T, S)
-        return ops._masked_softmax_av(scores, allowed, v)
+        return ops.masked_softmax_av(scores, allowed, v)
 
 
 class MLP(nn.Module):

@@ -59,7 +59,7 @@ def dual_chunk_attention(q_intra: torch.Tensor, q_succ: torch.Tensor, q_inter: t
     rel = rel[:, None]  # (B, 1, T, S)
     kt = k.transpose(-1, -2)
     scores = torch.where(rel == 0, q_intra @ kt, torch.where(rel == 1, q_succ @ kt, q_inter @ kt))
-    return _masked_softmax_av(scores * scale, allowed, v)
+    return masked_softmax_av(scores * scale, allowed, v)
 
 
 @dual_chunk_attention.register_fake
@@ -67,7 +67,7 @@ def _(q_intra, q_succ, q_inter, k, v, q_pos, k_pos, allowed, chunk_len, scale):
     return torch.empty_like(q_intra)
 
 
-def _masked_softmax_av(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def masked_softmax_av(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(scores where allowed) @ v, softmax in fp32; a row with no allowed key (a pad query) stays finite."""
     scores = scores.to(torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)

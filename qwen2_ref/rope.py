@@ -48,6 +48,27 @@ def cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor) -> tu
     return emb.cos() * scale, emb.sin() * scale
 
 
+def max_positions(cfg: ModelArgs) -> int:
+    """The longest position a table must cover: the context, or YaRN's extended one if that is longer."""
+    rs = cfg.rope_scaling
+    longest = cfg.max_position_embeddings
+    if rs is not None:
+        longest = max(longest, int(rs.original_max_position_embeddings * rs.factor))
+    return longest
+
+
+def rope_tables(cfg: ModelArgs, rows: int, half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constant cos/sin tables for positions 0 .. rows-1 in fp32, YaRN's attention factor folded in.
+
+    (rows, head_dim) for an exporter that rotates with them as they are (Core ML), or with `half` the
+    (rows, head_dim / 2) form that ONNX Runtime's GroupQueryAttention takes as its cos/sin caches."""
+    inv_freq, scale = inv_freq_and_scale(cfg)
+    cos, sin = cos_sin(inv_freq, scale, torch.arange(rows)[None])  # (1, rows, hd)
+    if half:
+        return cos[0, :, : inv_freq.shape[0]].contiguous(), sin[0, :, : inv_freq.shape[0]].contiguous()
+    return cos[0], sin[0]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

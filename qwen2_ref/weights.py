@@ -1,8 +1,9 @@
 """Weight sources: lazy, per-tensor access to Hugging Face safetensors (single or sharded) and GGUF files.
 
 Every source exposes checkpoint tensors under Hugging Face names, so the model, the exporters and the reports all
-speak one naming. Nothing here reads a whole checkpoint into memory: safetensors are memory-mapped and GGUF tensors
-are dequantized one at a time (a stacked GGUF expert tensor one expert at a time).
+speak one naming. Nothing here reads a whole checkpoint into memory: safetensors tensors are read with positioned
+reads (no memory map: a mapped checkpoint keeps every page it touched resident), and GGUF tensors are dequantized
+one at a time, in row blocks (a stacked GGUF expert tensor one expert at a time).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -369,12 +370,6 @@ class RandomSource:
 
 
 # ---- filling a model --------------------------------------------------------------------------------------------
-def iter_validated(source: WeightSource, cfg: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) for every tensor of `cfg`, after checking the whole checkpoint's names and shapes."""
-    for n in validate(source, cfg):
-        yield n, source.get(n)
-
-
 def load_into(model: torch.nn.Module, source: WeightSource, cfg: ModelArgs, progress: bool = True) -> None:
     """Copy every checkpoint tensor into `model` (converted to the model's dtype), one tensor at a time."""
     from .progress import track

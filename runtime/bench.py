@@ -4,12 +4,13 @@ token and peak RSS, medians over runs, printed as `key: value` lines (or one JSO
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from qwen2_ref.memory import peak_rss_mib
 
 from .runner import GenerationConfig, Runner
 from .session import SessionSettings
@@ -35,18 +36,6 @@ class BenchResult:
 
     def text(self) -> str:
         return "\n".join(f"{k}: {v if not isinstance(v, float) else round(v, 3)}" for k, v in asdict(self).items())
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. VmHWM, not getrusage: Linux carries ru_maxrss over from the parent
-    through fork + exec, so a child of a big process would report the parent's size."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def bench_prompt(n: int, vocab: int) -> list[int]:

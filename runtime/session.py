@@ -1,7 +1,7 @@
 """ONNX Runtime session from a device profile (or explicit flags), and an honest account of which provider runs it.
 
 onnxruntime-gpu lists CUDAExecutionProvider as available on machines without a usable GPU and silently runs on
-CPU (FACTS.md), so the providers asked for are compared with `session.get_providers()` after creation and a
+CPU (checked with onnxruntime-gpu 1.31), so the providers asked for are compared with `session.get_providers()` after creation and a
 mismatch is reported loudly, never papered over.
 """
 

@@ -1,5 +1,6 @@
 """Dual Chunk Attention: against standard attention inside one chunk, across prefill / decode / chunked prefill,
-and against a deliberately plain per-(query, key) implementation of the formulas in FACTS.md."""
+and against a deliberately plain per-(query, key) implementation of the rules in
+README.md's "Dual Chunk Attention" section (An et al. 2024, ChunkLlama)."""
 
 from __future__ import annotations
 

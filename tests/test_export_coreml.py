@@ -19,8 +19,13 @@ import devices  # noqa: E402
 from export.coreml import PACKAGE, SIDECAR, ParityError, export_coreml, verify  # noqa: E402
 from export.coreml.convert import NeuralEngineOptions, wrap  # noqa: E402
 from export.coreml.mil_exec import MILModel  # noqa: E402
+from export.evaluate import greedy  # noqa: E402
+from export.gate import check_parity, reference_step  # noqa: E402
+from export.plan import make_plan  # noqa: E402
 from export.tolerances import COREML_GATE, COREML_TINY, COREML_TINY_DEQUANTIZED  # noqa: E402
 from qwen2_ref.checkpoint import resolve_checkpoint  # noqa: E402
+
+from .golden import LLAMA_CPP_GREEDY, PROMPT_IDS  # noqa: E402
 
 PROMPT = [5, 9, 200, 31, 77, 12, 400, 3, 3, 8, 51]
 DTYPES = ["fp16", "int8", "int4", "palettize4"]
@@ -31,20 +36,11 @@ TINY_CONTEXT = 40
 ON_MAC = sys.platform == "darwin"
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """(name, dtype) -> (checkpoint, folder, report), each exported once per module through the full pipeline."""
-    root = tmp_path_factory.mktemp("coreml")
-    cache = {}
-
+@pytest.fixture
+def exports(tiny_export):
+    """(name, dtype) -> (checkpoint, folder, report): the session's shared Core ML exports (full pipeline)."""
     def get(name, dtype):
-        if (name, dtype) not in cache:
-            ckpt = resolve_checkpoint(name, random_weights=True)
-            out = root / f"{name}-{dtype}"
-            report = export_coreml(ckpt, out, dtype, context=TINY_CONTEXT, profile=TINY_PROFILE,
-                                   tolerance=COREML_TINY[dtype])
-            cache[name, dtype] = (ckpt, out, report)
-        return cache[name, dtype]
+        return tiny_export(name, dtype, target="coreml", context=TINY_CONTEXT, device=TINY_PROFILE)
 
     return get
 
@@ -55,8 +51,8 @@ def test_tiny_package_matches_reference(exports, dtype):
     model, backend = verify.open_package(out / PACKAGE)
     assert backend.startswith("coreml" if ON_MAC else "MIL executor")
     tol = COREML_TINY[dtype]
-    p = verify.check_parity(verify.package_step(model), verify.reference_step(ckpt.load_model(progress=False)),
-                            PROMPT, 4, tol, backend)
+    p = check_parity(verify.package_step(model), reference_step(ckpt.load_model(progress=False)), [PROMPT], 4,
+                     tol, backend)
     assert len(p.per_step_max_abs) == 5 and p.passed, p
     assert report["parity"]["passed"] and report["parity"]["max_abs_logits"] <= tol.max_abs_logits
     if dtype == "fp16":
@@ -66,8 +62,8 @@ def test_tiny_package_matches_reference(exports, dtype):
         wrapper = wrap(copy.deepcopy(ckpt.load_model(progress=False)), TINY_CONTEXT,
                        NeuralEngineOptions(32, TINY_PROFILE.ane_max_width)).float()
         deq = verify.dequantized_wrapper(wrapper, executor)
-        d = verify.check_parity(verify.package_step(executor), verify.reference_step(deq), PROMPT, 4,
-                                COREML_TINY_DEQUANTIZED, "MIL executor")
+        d = check_parity(verify.package_step(executor), verify.wrapper_step(deq), [PROMPT], 4,
+                         COREML_TINY_DEQUANTIZED, "MIL executor")
         assert d.passed and d.greedy_agreement == 1.0, d
 
 
@@ -75,8 +71,8 @@ def test_tiny_package_matches_reference(exports, dtype):
 def test_untied_and_yarn_fp16(exports, name):
     ckpt, out, _ = exports(name, "fp16")
     model, backend = verify.open_package(out / PACKAGE)
-    p = verify.check_parity(verify.package_step(model), verify.reference_step(ckpt.load_model(progress=False)),
-                            PROMPT, 4, COREML_TINY["fp16"], backend)
+    p = check_parity(verify.package_step(model), reference_step(ckpt.load_model(progress=False)), [PROMPT], 4,
+                     COREML_TINY["fp16"], backend)
     assert p.passed and p.greedy_agreement == 1.0, p
 
 
@@ -86,11 +82,13 @@ def test_wrapper_is_the_reference_in_fp32():
     ref = resolve_checkpoint("tiny-yarn", random_weights=True).load_model(progress=False)
     wrapper = wrap(copy.deepcopy(ref), TINY_CONTEXT, NeuralEngineOptions(32, 200)).float()
     assert wrapper.context == 64 and [p.shape[0] for p in wrapper.lm_head] == [171, 170, 171]
-    got, want = verify.reference_step(wrapper), verify.reference_step(ref)
+    got, want = verify.wrapper_step(wrapper), reference_step(ref)
     past = 0
     for chunk in (PROMPT[:6], PROMPT[6:], [17], [300]):
-        np.testing.assert_allclose(got(chunk, past), want(chunk, past), atol=2e-5, rtol=0)
-        past += len(chunk)
+        ids, end = np.array([chunk]), past + len(chunk)
+        mask, pos = np.ones((1, end), dtype=np.int64), np.arange(past, end)[None]
+        np.testing.assert_allclose(got(ids, mask, pos), want(ids, mask, pos), atol=2e-5, rtol=0)
+        past = end
 
 
 def test_graph_states_attention_and_io(exports):
@@ -134,13 +132,14 @@ def test_parity_failure_leaves_nothing(tmp_path):
 
     ckpt = resolve_checkpoint("tiny", random_weights=True)
     with pytest.raises(ParityError, match="nothing was written"):
-        export_coreml(ckpt, tmp_path / "out", "int4", context=32, profile=TINY_PROFILE,
-                      tolerance=Tolerance(1e-9, 1.0))
+        export_coreml(ckpt, make_plan("coreml", ckpt, dtype="int4", context=32, device=TINY_PROFILE,
+                                      out=tmp_path / "out", tolerance=Tolerance(1e-9, 1.0)))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_executor_ops_coremltools_gets_wrong(tmp_path):
-    """concat(interleave), exclusive cumsum and reduce over two axes: value inference is wrong there (FACTS.md)."""
+    """concat(interleave), exclusive cumsum and reduce over two axes: coremltools 9.0's value inference is wrong there
+    (docs/coreml.md)."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
@@ -190,19 +189,17 @@ def test_coreml_runtime_agrees_with_the_executor(exports):
     """On a Mac: Core ML itself and the numpy executor run the same saved package to the same logits."""
     _, out, _ = exports("tiny", "int4")
     model, backend = verify.open_package(out / PACKAGE, backend="coreml")
-    p = verify.check_parity(verify.package_step(model), verify.package_step(MILModel(out / PACKAGE)), PROMPT, 4,
-                            COREML_TINY_DEQUANTIZED, backend)
+    p = check_parity(verify.package_step(model), verify.package_step(MILModel(out / PACKAGE)), [PROMPT], 4,
+                     COREML_TINY_DEQUANTIZED, backend)
     assert p.passed, p
 
 
 # ---- the real Qwen2.5-Coder-0.5B-Instruct ---------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_real_int4_package(real_checkpoint, real_model, real_tokenizer, tmp_path):
-    from tests.test_real_model import LLAMA_CPP_GREEDY, PROMPT_IDS
-
+def test_real_int4_package(real_checkpoint, real_tokenizer, tmp_path):
     out = tmp_path / "int4"
-    report = export_coreml(real_checkpoint, out, "int4", profile=devices.get("iphone-15-pro"))
+    report = export_coreml(real_checkpoint, make_plan("coreml", real_checkpoint, dtype="int4", out=out))
     tol = COREML_GATE["int4"]
     assert report["parity"]["passed"] and report["parity"]["max_abs_logits"] <= tol.max_abs_logits
     assert 300 < report["files_mib"][PACKAGE] < 400  # measured 349: int4 body, embedding and head slices
@@ -212,9 +209,9 @@ def test_real_int4_package(real_checkpoint, real_model, real_tokenizer, tmp_path
     side = json.loads((out / SIDECAR).read_text())
     assert 151645 in side["eos_token_ids"] and "<|im_start|>" in side["chat_template"]
     model, _ = verify.open_package(out / PACKAGE)
-    text = real_tokenizer.decode(PROMPT_IDS + verify.greedy(verify.package_step(model), PROMPT_IDS, 64))
+    text = real_tokenizer.decode(PROMPT_IDS + greedy(verify.package_step(model), PROMPT_IDS, 64))
     print(text)
-    # int4 re-quantization changes greedy text (REAL_MODEL.md: plain 4-bit keeps ~27% of greedy tokens); measured:
+    # int4 re-quantization changes greedy text (plain 4-bit keeps ~27% of the fp32 greedy tokens on this model); measured:
     # a correct recursive fibonacci that leaves llama.cpp's text at its first `return`. Its opening must survive.
     assert text.startswith(LLAMA_CPP_GREEDY.split("\n")[0] + "\n    if n <= 0:\n        return ")
     compressed = [op for op in model.func.operations if op.op_type.startswith("constexpr_")] if not ON_MAC else []
@@ -226,11 +223,10 @@ def test_real_int4_package(real_checkpoint, real_model, real_tokenizer, tmp_path
 def test_real_fp16_package_greedy_matches_llama_cpp(real_checkpoint, real_tokenizer, tmp_path):
     """fp16 weights (the GGUF's dequantized values rounded to fp16) and fp16 activations: the saved package's
     64 greedy tokens are llama.cpp's."""
-    from tests.test_real_model import LLAMA_CPP_GREEDY, PROMPT_IDS
-
-    report = export_coreml(real_checkpoint, tmp_path / "fp16", "fp16", profile=devices.get("iphone-15-pro"))
+    report = export_coreml(real_checkpoint, make_plan("coreml", real_checkpoint, dtype="fp16",
+                                                      device="iphone-15-pro", out=tmp_path / "fp16"))
     assert report["parity"]["max_abs_logits"] <= COREML_GATE["fp16"].max_abs_logits
     assert report["parity"]["top1_agreement"] == 1.0
     model, _ = verify.open_package(tmp_path / "fp16" / PACKAGE)
-    text = real_tokenizer.decode(PROMPT_IDS + verify.greedy(verify.package_step(model), PROMPT_IDS, 64))
+    text = real_tokenizer.decode(PROMPT_IDS + greedy(verify.package_step(model), PROMPT_IDS, 64))
     assert text.startswith(LLAMA_CPP_GREEDY)

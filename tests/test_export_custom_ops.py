@@ -4,52 +4,39 @@ kernels; DCA layers keep our DualChunkAttention op there too). Same cases, same 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from export.onnx import dequantized_reference, export_onnx, reference_model
-from export.onnx.verify import check_parity, empty_past, ort_step, session
+from export.onnx.verify import empty_past, ort_step, session
+from export.plan import make_plan
 from export.tolerances import TINY, TINY_INT4_DEQUANTIZED
-from qwen2_ref.checkpoint import Checkpoint
 from qwen2_ref.config import RopeScaling, from_name
-from qwen2_ref.weights import RandomSource
+
+from .conftest import onnx_parity, random_checkpoint
 
 MOE = from_name("tiny-moe")
 DCA = from_name("tiny-dca")  # chunk 16, local 4: s = 12
 S = DCA.dual_chunk_attention_config.chunk_len
 
 
-def random_ckpt(cfg, label):
-    return Checkpoint(Path(f"<random {label}>"), cfg, RandomSource(cfg), "random", random_weights=True)
-
-
 def tokens(n, seed, vocab=512):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("custom")
-    cache = {}
-
+@pytest.fixture
+def export(tiny_export):
+    """(config, label, dtype, lowering) -> (checkpoint, folder, report), from the session's shared exports."""
     def get(cfg, label, dtype="fp32", lowering="function"):
-        key = (label, dtype, lowering)
-        if key not in cache:
-            ckpt = random_ckpt(cfg, label)
-            out = root / f"{label}-{dtype}-{lowering}"
-            report = export_onnx(ckpt, out, dtype, tolerance=TINY[dtype], gate_batch=2, lowering=lowering)
-            cache[key] = (ckpt, out, report)
-        return cache[key]
+        return tiny_export((label, cfg), dtype, lowering)
 
     return get
 
 
 MOE_CASES = {
-    "moe": MOE,
+    "tiny-moe": MOE,
     "moe-norm": MOE.replace(norm_topk_prob=True),
     "moe-step2-mlp-only": MOE.replace(decoder_sparse_step=2, mlp_only_layers=(3,)),
 }
@@ -63,9 +50,8 @@ MOE_DOMAIN = {"function": "qwen2", "fused": "com.microsoft"}
 @pytest.mark.parametrize("label", list(MOE_CASES))
 def test_moe_fp32(export, label, lowering):
     ckpt, out, _ = export(MOE_CASES[label], label, lowering=lowering)
-    sess = session(out)
-    assert sess.get_providers() == ["CPUExecutionProvider"]
-    p = check_parity(sess, reference_model(ckpt), [tokens(13, 1), tokens(6, 2)], 4, TINY["fp32"])
+    assert session(out).get_providers() == ["CPUExecutionProvider"]
+    p = onnx_parity(out, reference_model(ckpt), [tokens(13, 1), tokens(6, 2)], 4, TINY["fp32"])
     assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     sparse = sum(MOE_CASES[label].is_sparse_layer(i) for i in range(MOE.num_hidden_layers))
@@ -81,10 +67,10 @@ def test_moe_fp32(export, label, lowering):
 @pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("dtype", ["fp16", "int4"])
 def test_moe_lower_precisions(export, dtype, lowering):
-    ckpt, out, report = export(MOE, "moe", dtype, lowering)
+    ckpt, out, report = export(MOE, "tiny-moe", dtype, lowering)
     tol = TINY[dtype]
     prompts = [tokens(13, 1), tokens(6, 2)]
-    p = check_parity(session(out), reference_model(ckpt), prompts, 4, tol)
+    p = onnx_parity(out, reference_model(ckpt), prompts, 4, tol)
     assert p.max_abs_logits <= tol.max_abs_logits and p.top1_agreement >= tol.min_top1_agreement, p
     if dtype == "int4":  # experts stay float in the function form; attention/MLP/head are int4
         # the shared expert (traced as Gemm on flattened tokens) is int4 too; only the two routers stay float
@@ -92,12 +78,12 @@ def test_moe_lower_precisions(export, dtype, lowering):
         floats = [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
                   and not i.name.startswith("rope_") and not i.name.endswith(".scales")]
         assert floats and all(n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) for n in floats), floats
-        d = check_parity(session(out), dequantized_reference(ckpt, report), prompts, 4, TINY_INT4_DEQUANTIZED)
+        d = onnx_parity(out, dequantized_reference(ckpt, report), prompts, 4, TINY_INT4_DEQUANTIZED)
         assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
         assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d
 
 
-DCA_CASES = {"dca": DCA, "dca-yarn": DCA.replace(rope_scaling=RopeScaling("yarn", 4.0, 32))}
+DCA_CASES = {"tiny-dca": DCA, "dca-yarn": DCA.replace(rope_scaling=RopeScaling("yarn", 4.0, 32))}
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS)
@@ -107,7 +93,7 @@ def test_dca_long_prompt_and_decode_past_chunk_boundaries(export, label, lowerin
     ckpt, out, _ = export(cfg, label, lowering=lowering)
     # 5 chunks + 10 tokens of prompt, then 8 decode steps that cross the boundary at 6s
     prompts = [tokens(5 * S + 10, 3), tokens(3 * S + 1, 4)]
-    p = check_parity(session(out), reference_model(ckpt), prompts, 8, TINY["fp32"])
+    p = onnx_parity(out, reference_model(ckpt), prompts, 8, TINY["fp32"])
     assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
 
 
@@ -117,19 +103,20 @@ def test_dca_key_blocks(tmp_path, monkeypatch):
     from export.onnx import custom_ops
 
     monkeypatch.setattr(custom_ops, "DCA_KEY_BLOCK", 7)
-    ckpt = random_ckpt(DCA, "dca-blocks")
-    export_onnx(ckpt, tmp_path / "m", "fp32", tolerance=TINY["fp32"], gate_batch=2)
+    ckpt = random_checkpoint(DCA, "dca-blocks")
+    export_onnx(ckpt, make_plan("onnx", ckpt, out=tmp_path / "m", lowering="function", tolerance=TINY["fp32"],
+                                gate_batch=2))
     m = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False)
     node = next(n for n in m.graph.node if n.op_type == "DualChunkAttention")
     assert {a.name: a.i for a in node.attribute if a.name == "key_block"} == {"key_block": 7}
     prompts = [tokens(5 * S + 3, 11), tokens(2 * S + 5, 12)]
-    p = check_parity(session(tmp_path / "m"), reference_model(ckpt), prompts, 8, TINY["fp32"])
+    p = onnx_parity(tmp_path / "m", reference_model(ckpt), prompts, 8, TINY["fp32"])
     assert p.max_abs_logits <= TINY["fp32"].max_abs_logits and p.top1_agreement == 1.0, p
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_dca_chunked_prefill_in_ort_matches_one_shot_reference(export, lowering):
-    ckpt, out, _ = export(DCA, "dca", lowering=lowering)
+    ckpt, out, _ = export(DCA, "tiny-dca", lowering=lowering)
     sess = session(out)
     ids = tokens(6 * S + 5, 7)
     ref, _ = reference_model(ckpt)(torch.tensor([ids]))
@@ -145,14 +132,14 @@ def test_dca_chunked_prefill_in_ort_matches_one_shot_reference(export, lowering)
 
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_dca_fp16(export, lowering):
-    ckpt, out, _ = export(DCA, "dca", "fp16", lowering)
-    p = check_parity(session(out), reference_model(ckpt), [tokens(5 * S + 2, 5)], 4, TINY["fp16"])
+    ckpt, out, _ = export(DCA, "tiny-dca", "fp16", lowering)
+    p = onnx_parity(out, reference_model(ckpt), [tokens(5 * S + 2, 5)], 4, TINY["fp16"])
     assert p.max_abs_logits <= TINY["fp16"].max_abs_logits, p
 
 
 @pytest.mark.parametrize("label", ["moe", "dca"])
 def test_checker_and_shape_inference_accept_our_domain(export, label):
-    _, out, _ = export(MOE if label == "moe" else DCA, label)
+    _, out, _ = export(MOE if label == "moe" else DCA, f"tiny-{label}")
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     fns = {(f.domain, f.name) for f in m.functions}
     assert fns == {("qwen2", "MoE" if label == "moe" else "DualChunkAttention")}

@@ -1,7 +1,9 @@
-"""ONNX export of tiny random models: ONNX Runtime (CPU) against the PyTorch reference, per dtype.
+"""ONNX export of tiny random models: ONNX Runtime (CPU) against the PyTorch reference, per dtype, in both
+lowerings (`function`: standard ops + our domain; `fused`: ONNX Runtime's kernels, the default).
 
-Each case exports through the real pipeline (trace on meta, streamed weights, parity gate), then the test runs its
-own comparison on a left-padded batch of 2 over prefill + 4 decode steps.
+Each case exports through the real pipeline (trace on meta, streamed weights, parity gate; conftest.tiny_export
+shares each export across modules), then the test runs its own comparison on a left-padded batch of 2 over
+prefill + 4 decode steps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pytest
 import torch
 
 from export.onnx import ParityError, dequantized_reference, export_onnx, reference_model
-from export.onnx.verify import check_parity, empty_past, ort_step, session
+from export.onnx.verify import empty_past, ort_step, session
+from export.plan import make_plan
 from export.quant import QuantSpec, quantize_rtn
 from export.tolerances import TINY, TINY_INT4_DEQUANTIZED
 from qwen2_ref.checkpoint import open_checkpoint, resolve_checkpoint
@@ -25,34 +28,23 @@ from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.generate import left_pad
 from qwen2_ref.model import default_position_ids
 
+from .conftest import onnx_parity
+
 PROMPTS = [[5, 9, 200, 31, 77, 12, 400, 3, 3, 8, 51], [8, 1, 3, 99, 7]]
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """name, dtype -> (checkpoint, folder, report); each exported once per module."""
-    root = tmp_path_factory.mktemp("exports")
-    cache = {}
-
-    def get(name, dtype):
-        if (name, dtype) not in cache:
-            ckpt = resolve_checkpoint(name, random_weights=True)
-            out = root / f"{name}-{dtype}"
-            report = export_onnx(ckpt, out, dtype, tolerance=TINY[dtype], gate_batch=2)
-            cache[name, dtype] = (ckpt, out, report)
-        return cache[name, dtype]
-
-    return get
+def plan(ckpt, out, dtype="fp32", **kw):
+    return make_plan("onnx", ckpt, dtype=dtype, out=out, **kw)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-untied", "tiny-yarn"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int4"])
-def test_export_matches_reference(exports, name, dtype):
-    ckpt, out, report = exports(name, dtype)
+def test_export_matches_reference(tiny_export, name, dtype):
+    ckpt, out, report = tiny_export(name, dtype, "function")
     sess = session(out)
     assert sess.get_providers() == ["CPUExecutionProvider"]
     tol = TINY[dtype]
-    p = check_parity(sess, reference_model(ckpt), PROMPTS, decode_steps=4, tolerance=tol)
+    p = onnx_parity(out, reference_model(ckpt), PROMPTS, 4, tol)
     assert p.max_abs_logits <= tol.max_abs_logits, p
     assert p.top1_agreement >= tol.min_top1_agreement, p
     assert len(p.per_step_max_abs) == 5
@@ -60,13 +52,13 @@ def test_export_matches_reference(exports, name, dtype):
     if dtype == "fp32":
         assert p.greedy_agreement == 1.0
     if dtype == "int4":
-        d = check_parity(sess, dequantized_reference(ckpt, report), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+        d = onnx_parity(out, dequantized_reference(ckpt, report), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
         assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
         assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d
 
 
-def test_output_folder_contents(exports):
-    ckpt, out, report = exports("tiny", "int4")
+def test_output_folder_contents(tiny_export):
+    ckpt, out, report = tiny_export("tiny", "int4", "function")
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "model.onnx.data", "config.json", "generation_config.json", "genai_config.json",
             "export_report.json"} <= names
@@ -74,13 +66,15 @@ def test_output_folder_contents(exports):
     assert rep["dtype"] == "int4" and rep["opset"] == 21 and rep["parity"]["passed"]
     assert "com.microsoft::MatMulNBits" in rep["custom_ops"] and "com.microsoft::GatherBlockQuantized" in rep["custom_ops"]
     assert rep["wall_s"] > 0 and rep["peak_rss_mib"] > 0
+    assert rep["plan"] == {"format": "onnx", "dtype": "int4", "recipe": "gguf-exact", "lowering": "function",
+                           "context": 4096, "device_profile": None, "gate": "on", "overrides": []}
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert not any(p.name.startswith(".") for p in out.parent.iterdir()), "temporary folders left behind"
 
 
-def test_graph_io_names_and_dynamic_axes(exports):
-    _, out, _ = exports("tiny-untied", "fp32")
+def test_graph_io_names_and_dynamic_axes(tiny_export):
+    _, out, _ = tiny_export("tiny-untied", "fp32", "function")
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ins = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
     outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output}
@@ -95,8 +89,8 @@ def test_graph_io_names_and_dynamic_axes(exports):
     assert not any(n.op_type == "Transpose" and n.input[0] in inits for n in m.graph.node)
 
 
-def test_tied_int4_stores_head_once(exports):
-    _, out, _ = exports("tiny", "int4")
+def test_tied_int4_stores_head_once(tiny_export):
+    _, out, _ = tiny_export("tiny", "int4", "function")
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     names = [i.name for i in m.graph.initializer]
     assert "model.embed_tokens.weight" not in names  # no float table
@@ -111,7 +105,7 @@ def test_parity_failure_leaves_nothing(tmp_path):
     from export.tolerances import Tolerance
 
     with pytest.raises(ParityError, match="parity gate failed"):
-        export_onnx(ckpt, out, "int4", tolerance=Tolerance(1e-9, 1.0))
+        export_onnx(ckpt, plan(ckpt, out, "int4", tolerance=Tolerance(1e-9, 1.0)))
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -143,9 +137,9 @@ def test_existing_output_refused_without_overwrite(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(Qwen2Error, match="exists; pass --overwrite"):
-        export_onnx(ckpt, out, "fp32", tolerance=TINY["fp32"])
+        export_onnx(ckpt, plan(ckpt, out, tolerance=TINY["fp32"]))
     assert (out / "keep.txt").read_text() == "mine"
-    export_onnx(ckpt, out, "fp32", tolerance=TINY["fp32"], overwrite=True)
+    export_onnx(ckpt, plan(ckpt, out, tolerance=TINY["fp32"], overwrite=True))
     assert (out / "model.onnx").exists() and not (out / "keep.txt").exists()
 
 
@@ -153,11 +147,9 @@ def test_hf_checkpoint_export_matches_transformers_weights(make_hf_checkpoint, t
     folder, hf = make_hf_checkpoint("tiny-untied", max_shard_size="100KB", dtype=torch.bfloat16)
     ckpt = open_checkpoint(folder)
     out = tmp_path / "hf-export"
-    report = export_onnx(ckpt, out, "fp32", tolerance=TINY["fp32"])
+    report = export_onnx(ckpt, plan(ckpt, out, tolerance=TINY["fp32"]))
     assert report["parity"]["max_abs_logits"] <= TINY["fp32"].max_abs_logits
     ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
-    from export.onnx.verify import empty_past, ort_step
-
     sess = session(out)
     got, _ = ort_step(sess, ids, np.ones_like(ids), np.arange(8)[None], empty_past(sess, 1))
     want = hf.to(torch.bfloat16).float()(torch.from_numpy(ids)).logits.detach().numpy()
@@ -258,12 +250,11 @@ FUSED_CASES = [(name, "fp32") for name in ("tiny", "tiny-untied", "tiny-yarn", "
 
 
 @pytest.mark.parametrize("name,dtype", FUSED_CASES)
-def test_fused_lowering_matches_reference(tmp_path, name, dtype):
+def test_fused_lowering_matches_reference(tiny_export, name, dtype):
     """--lowering fused: attention -> GroupQueryAttention (rotary fused), RMSNorm -> (Skip)SimplifiedLayerNorm,
     routed experts -> com.microsoft MoE; same parity bar as the function form, a left-padded batch of 2 included."""
-    ckpt = resolve_checkpoint(name, random_weights=True)
+    ckpt, out, report = tiny_export(name, dtype, "fused")
     cfg = ckpt.config
-    report = export_onnx(ckpt, tmp_path / "fused", dtype, tolerance=TINY[dtype], gate_batch=2, lowering="fused")
     ops = report["ops"]
     L = cfg.num_hidden_layers
     assert ops["com.microsoft::GroupQueryAttention"] == L
@@ -277,20 +268,17 @@ def test_fused_lowering_matches_reference(tmp_path, name, dtype):
         kernel = "com.microsoft::QMoE" if dtype == "int4" else "com.microsoft::MoE"
         assert ops[kernel] == sum(cfg.is_sparse_layer(i) for i in range(L))
     batch = [PROMPTS[0], PROMPTS[0][:5]]  # left padding in the fused kernels
-    p = check_parity(session(tmp_path / "fused"), reference_model(ckpt), batch, 4, TINY[dtype])
+    p = onnx_parity(out, reference_model(ckpt), batch, 4, TINY[dtype])
     assert p.max_abs_logits <= TINY[dtype].max_abs_logits and p.top1_agreement >= TINY[dtype].min_top1_agreement, p
     if dtype == "int4":
-        d = check_parity(session(tmp_path / "fused"), dequantized_reference(ckpt, report), batch, 4,
-                         TINY_INT4_DEQUANTIZED)
+        d = onnx_parity(out, dequantized_reference(ckpt, report), batch, 4, TINY_INT4_DEQUANTIZED)
         assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
 
 
 @pytest.mark.parametrize("lowering", ["function", "fused"])
-def test_chunked_prefill_of_a_padded_batch(tmp_path, lowering):
+def test_chunked_prefill_of_a_padded_batch(tiny_export, lowering):
     """Chunks of a left-padded batch with a cache (GroupQueryAttention needs query_seqlens for this on CPU)."""
-    ckpt = resolve_checkpoint("tiny", random_weights=True)
-    out = tmp_path / lowering
-    export_onnx(ckpt, out, "fp32", tolerance=TINY["fp32"], lowering=lowering)
+    ckpt, out, _ = tiny_export("tiny", "fp32", lowering)
     sess = session(out)
     prompts = [PROMPTS[0] * 2, PROMPTS[0][:7]]
     ids, mask = left_pad(prompts, 0)
@@ -307,12 +295,10 @@ def test_chunked_prefill_of_a_padded_batch(tmp_path, lowering):
 
 
 @pytest.mark.parametrize("lowering", ["function", "fused"])
-def test_logits_to_keep(tmp_path, lowering):
+def test_logits_to_keep(tiny_export, lowering):
     """The optional `logits_to_keep` input (default 0: all positions) runs the head on the last k positions."""
-    ckpt = resolve_checkpoint("tiny", random_weights=True)
-    out = tmp_path / lowering
     dtype = "fp32" if lowering == "function" else "int4"  # head as Gemm on the tied table / as MatMulNBits
-    export_onnx(ckpt, out, dtype, tolerance=TINY[dtype], lowering=lowering)
+    _, out, _ = tiny_export("tiny", dtype, lowering)
     sess = session(out)
     assert "logits_to_keep" not in {i.name for i in sess.get_inputs()}  # optimum / genai never see it
     assert "logits_to_keep" in {i.name for i in sess.get_overridable_initializers()}
@@ -326,3 +312,30 @@ def test_logits_to_keep(tmp_path, lowering):
         part = sess.run(["logits"], feeds | {"logits_to_keep": np.array(k, dtype=np.int64)})[0]
         assert part.shape[1] == min(k, n)
         np.testing.assert_array_equal(part, full[:, n - min(k, n):])
+
+
+def stored_bytes(folder) -> int:
+    """Bytes of every initializer of an export, external data and the small ones kept inline in model.onnx."""
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next(e.value for e in t.external_data if e.key == "length"))
+        else:
+            total += onnx.numpy_helper.to_array(t).nbytes
+    return total
+
+
+@pytest.mark.parametrize("name,dtype,lowering", [
+    ("tiny", "int4", "function"), ("tiny", "int4", "fused"), ("tiny-untied", "int4", "function"),
+    ("tiny-yarn", "int4", "function"), ("tiny-moe", "int4", "function"), ("tiny-moe", "int4", "fused"),
+    ("tiny", "fp16", "fused"), ("tiny-untied", "fp32", "function"), ("tiny-moe", "fp32", "fused")])
+def test_plan_sizes_match_exports(tiny_export, name, dtype, lowering):
+    """`python -m export plan` sizes an export tensor by tensor with the exporters' storage rules: within 5% of
+    what the export stores (the 1.5B and 7B int4 random-weights exports are compared in the README)."""
+    from export import precision
+    from export.sizing import weight_bytes
+
+    ckpt, out, _ = tiny_export(name, dtype, lowering)
+    planned, _ = weight_bytes(ckpt.config, precision.get("onnx", dtype), lowering)
+    assert abs(planned / stored_bytes(out) - 1) <= 0.05, (planned, stored_bytes(out))

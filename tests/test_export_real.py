@@ -1,7 +1,8 @@
-"""The real Qwen2.5-Coder-0.5B-Instruct through the ONNX exporter: fp32 and int4, through ONNX Runtime.
+"""The real Qwen2.5-Coder-0.5B-Instruct through the ONNX exporter as a user's default command makes it (fused
+lowering, the gate on): fp32 and int4, through ONNX Runtime, and through optimum.
 
-Golden text: llama.cpp's greedy continuation (../shared/REAL_MODEL.md). Perplexity text: CPython 3.11's heapq.py,
-first 1000 tokens, the text REAL_MODEL.md's peer figures use (fp32 9.170; optimum int4 10.162; genai int4 10.145).
+Golden text: llama.cpp's greedy continuation (tests/golden.py). Perplexity text: CPython 3.11's heapq.py, first 1000
+tokens (fp32 9.170 in transformers, optimum and onnxruntime-genai on the same weights).
 """
 
 from __future__ import annotations
@@ -9,21 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.onnx import export_onnx
-from export.onnx.evaluate import fixed_text, greedy, perplexity
-from export.onnx.verify import session
+from export.evaluate import fixed_text, greedy, perplexity
+from export.onnx.verify import onnx_step, session
 from export.tolerances import GATE, INT4_MAX_PERPLEXITY_INCREASE
+from qwen2_ref.memory import release_freed_memory
 
-from .test_real_model import LLAMA_CPP_GREEDY, PROMPT_IDS
+from .golden import FP32_PERPLEXITY_HEAPQ, LLAMA_CPP_GREEDY, PROMPT_IDS
 
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="module")
-def real_exports(real_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    reports = {d: export_onnx(real_checkpoint, root / d, d) for d in ("fp32", "int4")}
-    return root, reports
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def test_fp32_export_greedy_equals_reference(real_exports, real_tokenizer):
     assert reports["fp32"]["parity"]["max_abs_logits"] <= GATE["fp32"].max_abs_logits
     sess = session(root / "fp32")
     assert sess.get_providers() == ["CPUExecutionProvider"]
-    out = greedy(sess, PROMPT_IDS, 64)
+    out = greedy(onnx_step(sess), PROMPT_IDS, 64)
     assert real_tokenizer.decode(PROMPT_IDS + out) == LLAMA_CPP_GREEDY
 
 
@@ -46,25 +40,31 @@ def test_int4_export_quality(real_exports, real_tokenizer, text_ids):
     assert rep["parity"]["passed"]
     # every weight kept its GGUF grid: 4-bit where the file is 4-bit, 8-bit codes for its 5/6/8-bit tensors
     assert {q["from"] for q in rep["quantized"].values()} == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
-    fp32 = session(root / "fp32")
-    int4 = session(root / "int4")
-    ppl32, ppl4 = perplexity(fp32, text_ids), perplexity(int4, text_ids)
+    results = {}
+    for dtype in ("fp32", "int4"):  # one session at a time
+        sess = session(root / dtype)
+        results[dtype] = perplexity(onnx_step(sess), text_ids), greedy(onnx_step(sess), PROMPT_IDS, 64)
+        del sess
+        release_freed_memory()
+    (ppl32, a), (ppl4, b) = results["fp32"], results["int4"]
     print(f"\nperplexity fp32 {ppl32:.4f} int4 {ppl4:.4f} ({(ppl4 / ppl32 - 1) * 100:+.2f}%)")
-    assert abs(ppl32 - 9.170) < 0.01  # REAL_MODEL.md: transformers / optimum / genai fp32 on the same text
+    assert abs(ppl32 - FP32_PERPLEXITY_HEAPQ) < 0.01
     assert ppl4 <= ppl32 * (1 + INT4_MAX_PERPLEXITY_INCREASE)
-    a, b = greedy(fp32, PROMPT_IDS, 64), greedy(int4, PROMPT_IDS, 64)
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
     print(f"int4 greedy agreement with fp32: {same}/64 tokens before the first difference")
     assert same >= 32
 
 
-def test_optimum_loads_the_export_and_generates_reference_tokens(real_exports, real_model):
+def test_optimum_loads_the_export_and_generates_reference_tokens(real_exports, real_checkpoint):
     from optimum.onnxruntime import ORTModelForCausalLM
 
     from qwen2_ref.generate import SamplingParams, generate_one
 
     root, _ = real_exports
+    reference = real_checkpoint.load_model(progress=False)
+    ref = list(generate_one(reference, PROMPT_IDS, SamplingParams(max_new_tokens=32)))
+    del reference  # not beside optimum's session: 2.35 GiB each
+    release_freed_memory()
     model = ORTModelForCausalLM.from_pretrained(root / "fp32", use_cache=True, use_io_binding=False)
     out = model.generate(torch.tensor([PROMPT_IDS]), max_new_tokens=32, do_sample=False)
-    ref = list(generate_one(real_model, PROMPT_IDS, SamplingParams(max_new_tokens=32)))
     assert out[0, len(PROMPT_IDS):].tolist() == ref

@@ -1,7 +1,7 @@
 """The real Qwen2.5-Coder-0.5B-Instruct GGUF (Q4_K_M), fetched from its PyPI wheels: load, tokenize, generate.
 
-Golden values come from llama.cpp, an independent implementation (../shared/REAL_MODEL.md): the prompt's token ids
-and the greedy continuation of `def fibonacci(n):` with the stored `output.weight` head.
+Golden values (tests/golden.py) come from llama.cpp, an independent implementation: the prompt's token ids and the
+greedy continuation of `def fibonacci(n):` with the stored `output.weight` head.
 """
 
 from __future__ import annotations
@@ -13,20 +13,9 @@ import pytest
 
 from qwen2_ref.generate import SamplingParams, generate_one
 
-pytestmark = pytest.mark.real_model
+from .golden import LLAMA_CPP_GREEDY, PROMPT, PROMPT_IDS
 
-PROMPT = "def fibonacci(n):"
-PROMPT_IDS = [750, 75698, 1445, 1648]  # llama.cpp's tokenization (REAL_MODEL.md)
-LLAMA_CPP_GREEDY = '''def fibonacci(n):
-    if n <= 0:
-        return "Invalid input"
-    elif n == 1:
-        return 0
-    elif n == 2:
-        return 1
-    else:
-        a, b = 0, 1
-        for _ in range(3, n + 1'''
+pytestmark = pytest.mark.real_model
 
 
 def test_config_from_gguf(real_checkpoint):

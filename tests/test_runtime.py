@@ -3,7 +3,8 @@ conditions, the KV cache's IO binding, and the errors a user sees.
 
 Tiny exports use a random checkpoint with random biases and norms (conftest.hf_model), exported once per module
 without the parity gate: the tests here compare the runner's tokens with the reference's directly. The real-model
-tests share one fp32 export of Qwen2.5-Coder-0.5B-Instruct (parity proven in test_export_real.py).
+tests share the session's fp32 export of Qwen2.5-Coder-0.5B-Instruct (conftest.real_exports; its parity is
+asserted in test_export_real.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from export.onnx import export_onnx, reference_model
 from export.onnx.verify import empty_past, ort_step
+from export.plan import make_plan
 from qwen2_ref.checkpoint import open_checkpoint
 from qwen2_ref.config import from_name
 from qwen2_ref.errors import Qwen2Error
@@ -26,7 +28,7 @@ from runtime.__main__ import cli
 from runtime.runner import _StopText, apply_repetition_penalty
 
 from .conftest import hf_model
-from .test_real_model import LLAMA_CPP_GREEDY, PROMPT, PROMPT_IDS
+from .golden import LLAMA_CPP_GREEDY, PROMPT, PROMPT_IDS
 
 PROMPTS = [[5, 9, 200, 31, 77, 12, 400, 3, 3, 8, 51], [8, 1, 3, 99, 7], [301, 17, 45, 2, 260, 11, 90, 6]]
 CPU2 = SessionSettings(threads=2)
@@ -38,7 +40,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     hf_model(from_name("tiny-untied"), seed=3).save_pretrained(root / "ckpt", safe_serialization=True)
     ckpt = open_checkpoint(root / "ckpt")
-    export_onnx(ckpt, root / "fp32", "fp32", verify=False)
+    export_onnx(ckpt, make_plan("onnx", ckpt, dtype="fp32", out=root / "fp32", verify=False))
     return ckpt, root / "fp32", reference_model(ckpt)
 
 
@@ -240,11 +242,10 @@ def test_bench_prints_parseable_figures(tiny, monkeypatch, capsys):
 
 
 # ---- the real Qwen2.5-Coder-0.5B-Instruct ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def real_runner(real_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("real") / "fp32"
-    export_onnx(real_checkpoint, out, "fp32", verify=False)
-    return Runner(out, CPU2)
+@pytest.fixture
+def real_runner(real_exports):
+    """Per test, so its 2.4 GB session is gone before the next test opens another."""
+    return Runner(real_exports[0] / "fp32", CPU2)
 
 
 @pytest.mark.real_model
@@ -266,7 +267,7 @@ def test_real_stop_string_and_chat(real_runner):
 
 
 @pytest.mark.real_model
-def test_real_prompt_longer_than_context_cli(real_runner, monkeypatch, capsys):
-    code, out = run_main(monkeypatch, capsys, "generate", "--model", str(real_runner.folder.path),
+def test_real_prompt_longer_than_context_cli(real_exports, monkeypatch, capsys):
+    code, out = run_main(monkeypatch, capsys, "generate", "--model", str(real_exports[0] / "fp32"),
                          "--prompt", "word " * 33000, "--max-new-tokens", "1")
     assert code == 2 and "but the export's context is 32768" in out.err and out.out == ""

@@ -19,9 +19,10 @@ import torch
 from qwen2_ref.config import ModelArgs
 from qwen2_ref.progress import status
 
+from ..precision import Precision
+
 from .model import StatefulQwen2, causal_mask
 
-DTYPES = ("fp16", "int8", "int4", "palettize4")
 # Example length for the trace: any T >= 2 works (the shapes it sees become symbolic); the past is empty.
 _TRACE_T = 3
 
@@ -69,48 +70,53 @@ def convert(wrapper: StatefulQwen2):
     return mlmodel
 
 
-def compression_config(dtype: str):
-    """coremltools.optimize settings per dtype; None for fp16 (no compression)."""
+def compression_config(precision: Precision):
+    """coremltools.optimize settings for a precision's weight format; None for float weights (no compression).
+    affine: `linear` quantization (symmetric per channel, or with offsets per block); palette: k-means tables."""
     from coremltools.optimize import coreml as cto
 
-    if dtype == "fp16":
+    fmt = precision.weights
+    if fmt is None:
         return None
-    if dtype == "int4":  # asymmetric (with offset) 4-bit, one scale/offset per 32 input elements
-        op = cto.OpLinearQuantizerConfig(mode="linear", dtype="int4", granularity="per_block", block_size=32)
-    elif dtype == "int8":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
-    elif dtype == "palettize4":  # a 16-entry k-means look-up table per group of 16 output channels
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)
+    if fmt.scheme == "affine":
+        granularity = {"granularity": "per_block", "block_size": fmt.block} if fmt.block else \
+            {"granularity": "per_channel"}
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric" if fmt.symmetric else "linear",
+                                         dtype=f"int{fmt.bits}", **granularity)
+    elif fmt.scheme == "palette":
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=fmt.bits, granularity="per_grouped_channel",
+                                    group_size=fmt.group)
     else:
-        raise ValueError(dtype)
+        raise ValueError(f"{precision.name}: no Core ML compression for weight scheme {fmt.scheme!r}")
     # Only the weights of linear layers and the embedding (a gather): a global config would also compress the
     # RoPE tables (context x head_dim, above the size threshold) and wreck every position.
     return cto.OptimizationConfig(op_type_configs={"linear": op, "gather": op})
 
 
-def compress(mlmodel, dtype: str):
+def compress(mlmodel, precision: Precision):
     import coremltools.optimize.coreml as cto
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.models.utils import _apply_graph_pass
 
-    config = compression_config(dtype)
+    config = compression_config(precision)
     if config is None:
         return mlmodel
-    status(f"compressing weights ({dtype}) ...")
+    fmt = precision.weights
+    status(f"compressing weights ({precision.name}) ...")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dtype == "palettize4":
+        if fmt.scheme == "palette":
             return cto.palettize_weights(mlmodel, config)
-        if dtype == "int8":
+        if not (fmt.bits == 4 and fmt.block and not fmt.symmetric):
             return cto.linear_quantize_weights(mlmodel, config)
-        quantizer = _clip_searched_int4()
+        quantizer = _clip_searched_int4(fmt.block)
         quantizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
         return _apply_graph_pass(mlmodel, quantizer)
 
 
-def _clip_searched_int4():
+def _clip_searched_int4(block: int):
     """coremltools' linear quantization pass with its per-block arithmetic replaced by export/quant.py's: asymmetric
-    round-to-nearest where each block of 32 also searches a clipped [min, max] for the least squared error.
+    round-to-nearest where each block (of 32 for int4) also searches a clipped [min, max] for the least squared error.
     coremltools' own (plain min/max, range forced to include 0) left the real 0.5B at max |Δ logits| 26.9 and top-1
     agreement 0.82; the same quantizer the ONNX int4 export uses is measured in docs/coreml.md."""
     from coremltools.converters.mil.mil import types
@@ -124,9 +130,9 @@ def _clip_searched_int4():
         def blockwise_compress_by_dtype(cls, data, dtype, mode, block_sizes):
             bt = types.string_to_builtin(dtype) if isinstance(dtype, str) else dtype
             if not (bt.get_bitwidth() == 4 and str(mode).upper() == "LINEAR" and data.ndim == 2
-                    and list(block_sizes) == [1, 32]):
+                    and list(block_sizes) == [1, block]):
                 return super().blockwise_compress_by_dtype(data, dtype, mode, block_sizes)
-            q = quantize_rtn(torch.from_numpy(np.asarray(data, dtype=np.float32)), QuantSpec(4, 32))
+            q = quantize_rtn(torch.from_numpy(np.asarray(data, dtype=np.float32)), QuantSpec(4, block))
             i4 = types.nptype_from_builtin(types.int4)  # signed codes: (code - 8) - (zero - 8) = code - zero
             return optimize_utils.QuantParams(
                 data=(q.codes.astype(np.int16) - 8).astype(i4), scale=q.scales.astype(data.dtype),

@@ -48,10 +48,9 @@ class StatefulQwen2(nn.Module):
         shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, self.context, cfg.head_dim)
         self.register_buffer("keyCache", torch.zeros(shape, dtype=torch.float16))
         self.register_buffer("valueCache", torch.zeros(shape, dtype=torch.float16))
-        inv_freq, scale = rope.inv_freq_and_scale(cfg)
-        cos, sin = rope.cos_sin(inv_freq, scale, torch.arange(self.context)[None])  # (1, context, hd)
-        self.register_buffer("rope_cos", cos[0], persistent=False)  # (context, hd)
-        self.register_buffer("rope_sin", sin[0], persistent=False)
+        cos, sin = rope.rope_tables(cfg, self.context)  # (context, hd)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         # The head's slices as parameters of their own: named consts `lm_head_N` in the package. Copies, so a tied
         # embedding stays a const of its own (the trace merges equal tensors: an uncompressed gather would follow).
         w = ref.lm_head.weight.detach()

@@ -1,82 +1,95 @@
-"""`export_onnx`: the reference traced to ONNX, weights streamed in, proved against the reference, published whole."""
+"""`export_onnx`: the reference traced to ONNX, weights streamed in, proved against the reference, published whole.
+
+The steps every export shares (staging, the gate, the report) are in export/pipeline.py; this module supplies the
+ONNX build and a step function over the saved graph.
+"""
 
 from __future__ import annotations
 
 import json
-import resource
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx_ir as ir
 import torch
 
 from qwen2_ref.checkpoint import Checkpoint, empty_model
-from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.progress import console, status
-from qwen2_ref.tokenizer import Tokenizer
-from qwen2_ref.weights import load_into, validate
+from qwen2_ref.weights import expected_tensors, load_into
 
-from ..output import staged_folder
-from ..tolerances import GATE, Tolerance
+from ..gate import GateSubject, ParityError, reference_step
+from ..pipeline import run_export
+from ..plan import ExportPlan, make_plan
+from ..quant import GGUF_EXACT, QuantSpec
+from ..sizing import weight_bytes
 from .fuse import fold_matmulnbits_bias, fuse_rms_norm, fuse_skip_rms_norm, share_attention_inputs
 from .fused import fuse_moe
-from .graph import OPSET, add_logits_to_keep, lower_linears, ops_histogram, trace
+from .graph import OPSET, add_logits_to_keep, trace
+from .irutil import ops_histogram
+from .linears import ACCURACY_LEVEL, lower_linears, quantizable
 from .metadata import write_metadata
-from .verify import check_parity, session
+from .verify import backend, onnx_step, session
 from .weights import WeightStreamer
 
-DTYPES = ("fp32", "fp16", "int4")
-LOWERINGS = ("function", "fused")
 # A reference bigger than this (fp32 bytes) is not materialized for the gate; a 2-layer truncation is checked.
 FULL_REFERENCE_MAX_BYTES = 6 * 2**30
-GATE_DECODE_STEPS = 4
-GATE_PROMPT = "def quicksort(items):\n    if len(items) <= 1:\n        return items\n"
+TRUNCATED_GATE_LAYERS = 2
+
+__all__ = ["export_onnx", "build_onnx", "make_plan", "reference_model", "dequantized_reference", "ParityError",
+           "OnnxTarget"]
 
 
-class ParityError(Qwen2Error):
-    """The export does not compute what the reference does, beyond the dtype's tolerance."""
+def export_onnx(ckpt: Checkpoint, plan: ExportPlan) -> dict:
+    """Export `ckpt` as `plan` says (`make_plan("onnx", ckpt, ...)`): model.onnx + external data + metadata +
+    tokenizer + export_report.json, built in a temporary folder, gated, then moved into place."""
+    if plan.target != "onnx":
+        raise ValueError(f"export_onnx got a {plan.target} plan")
+    return run_export(ckpt, plan, OnnxTarget())
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def base_spec(plan: ExportPlan) -> QuantSpec | None:
+    """The MatMulNBits block format of a quantized precision (None for float precisions)."""
+    fmt = plan.precision.weights
+    if fmt is None:
+        return None
+    if fmt.scheme != "affine" or fmt.block is None:
+        raise ValueError(f"{plan.precision.name}: ONNX stores affine block-quantized weights only")
+    return QuantSpec(bits=fmt.bits, block=fmt.block)
 
 
-def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool = False,
-               num_layers: int | None = None, accuracy_level: int = 4, lowering: str = "function") -> dict:
+def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int | None = None) -> dict:
     """Trace, lower, attach streamed weights and save into `folder`. Returns facts for the report.
 
-    lowering: "function" (standard ops + our qwen2 domain's function-body ops) or "fused" (ONNX Runtime's
+    plan.lowering: "function" (standard ops + our qwen2 domain's function-body ops) or "fused" (ONNX Runtime's
     contrib kernels: GroupQueryAttention, MoE, SkipSimplifiedLayerNormalization; see fused.py)."""
-    if lowering not in LOWERINGS:
-        raise Qwen2Error(f"--lowering {lowering!r} is not one of {', '.join(LOWERINGS)}")
-    fused = lowering == "fused"
+    prec, fused = plan.precision, plan.lowering == "fused"
     cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
     t0 = time.perf_counter()
-    status(f"tracing {cfg.model_type} ({cfg.num_hidden_layers} layers, {dtype}, {lowering} lowering) ...")
-    model = trace(cfg, dtype, fused_attention=fused)
-    streamer = WeightStreamer(ckpt.source, cfg, requantize=requantize)
+    status(f"tracing {cfg.model_type} ({cfg.num_hidden_layers} layers, {prec.name}, {plan.lowering} lowering) ...")
+    model = trace(cfg, prec.compute, fused_attention=fused)
+    base = base_spec(plan)
+    streamer = WeightStreamer(ckpt.source, cfg, base, requantize=plan.recipe == "requantize")
     quant = None
-    if dtype == "int4":
-        quant = {n: streamer.quant_spec(n) for n, v in model.graph.initializers.items()
-                 if len(v.shape or ()) == 2 and n.endswith(".weight")
-                 # MoE routers stay float: a rounded router logit can pick a different expert
-                 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))}
-    uses = lower_linears(model, quant, accuracy_level=accuracy_level)
+    if base is not None:
+        quant = {n: streamer.quant_spec(n) for n, v in model.graph.initializers.items() if quantizable(n, v.shape)}
+    uses = lower_linears(model, quant, accuracy_level=ACCURACY_LEVEL)
     add_logits_to_keep(model)
     fusions = None
     if fused:
         fusions = {"GroupQueryAttention": sum(n.op_type == "GroupQueryAttention" for n in model.graph),
-                   "MoE": fuse_moe(model, uses, _expert_quant(cfg) if dtype == "int4" else None),
+                   "MoE": fuse_moe(model, uses, _expert_quant(cfg, base)),
                    "SimplifiedLayerNormalization": fuse_rms_norm(model)}
         fusions["SkipSimplifiedLayerNormalization"] = fuse_skip_rms_norm(model)
         fusions["shared attention inputs"] = share_attention_inputs(model)
-    if dtype == "int4":
+    if base is not None:
         folded = fold_matmulnbits_bias(model)
         fusions = (fusions or {}) | {"MatMulNBits bias": folded}
     streamer.attach(uses)
     t_trace = time.perf_counter() - t0
     model.producer_name, model.producer_version = "qwen2-export", "0.1.0"
-    model.metadata_props.update({"qwen2_export.dtype": dtype, "qwen2_export.source": str(ckpt.path),
+    model.metadata_props.update({"qwen2_export.dtype": prec.name, "qwen2_export.source": str(ckpt.path),
                                  "qwen2_export.config": json.dumps(cfg.to_hf_config())})
     n_init = len(model.graph.initializers)
     written = [0]
@@ -90,22 +103,75 @@ def build_onnx(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requant
     t1 = time.perf_counter()
     ir.save(model, folder / "model.onnx", external_data="model.onnx.data", callback=progress)
     t_write = time.perf_counter() - t1
-    write_metadata(folder, cfg, dtype, context)
+    write_metadata(folder, cfg, prec, plan.context)
     quantized = {u.source: {"bits": u.spec.bits, "block": u.spec.block, "from": u.spec.source}
                  for u in uses.values() if u.spec is not None}
     return {"ops": ops_histogram(model), "trace_s": round(t_trace, 2), "write_s": round(t_write, 2),
             "initializers": n_init, "quantized": quantized, "layers": cfg.num_hidden_layers,
-            "lowering": lowering, "fusions": fusions}
+            "lowering": plan.lowering, "fusions": fusions}
 
 
-def _expert_quant(cfg):
-    """int4 experts for QMoE (block 32 along K); None keeps them float where the sizes do not divide."""
-    from ..quant import QuantSpec
+def _expert_quant(cfg, base: QuantSpec | None) -> QuantSpec | None:
+    """Block-quantized experts for QMoE; None keeps them float (a float precision, or sizes that do not divide)."""
+    if base is None or not cfg.is_moe:
+        return None
+    if cfg.hidden_size % base.block or cfg.moe_intermediate_size % base.block:
+        return None
+    return base
 
-    spec = QuantSpec(bits=4, block=32)
-    if cfg.is_moe and cfg.hidden_size % spec.block == 0 and cfg.moe_intermediate_size % spec.block == 0:
-        return spec
-    return None
+
+class OnnxTarget:
+    label = "ONNX"
+
+    def check(self, ckpt: Checkpoint, plan: ExportPlan) -> None:
+        """Everything an ONNX export can refuse (the context) is settled by make_plan."""
+
+    def memory_needed(self, ckpt: Checkpoint, plan: ExportPlan) -> tuple[int, str, str] | None:
+        if not plan.gate.enabled:
+            return None
+        return (gate_memory_bytes(ckpt.config, plan), "the parity gate",
+                "pass --no-verify to export without it (the report will say so)")
+
+    def build(self, ckpt: Checkpoint, plan: ExportPlan, folder: Path, tokenizer) -> dict:
+        facts = build_onnx(ckpt, folder, plan)
+        facts["opset"] = OPSET
+        facts["custom_ops"] = sorted({k for k in facts["ops"] if "::" in k})
+        facts["custom_op_lowering"] = "function" if any(k.startswith("qwen2::") for k in facts["ops"]) else None
+        return facts
+
+    @contextmanager
+    def gate_subject(self, ckpt: Checkpoint, plan: ExportPlan, folder: Path):
+        layers = gate_layers(ckpt.config)
+        if layers is None:
+            yield GateSubject(lambda: reference_step(reference_model(ckpt)), lambda: _opened(folder), "full model")
+            return
+        cfg = ckpt.config
+        status(f"the gate checks a {layers}-layer truncation (the full fp32 reference would need "
+               f"{cfg.num_parameters() * 4 / 2**30:.0f} GiB)")
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gate-") as td:
+            build_onnx(ckpt, Path(td), plan, num_layers=layers)
+            yield GateSubject(lambda: reference_step(reference_model(ckpt, layers)), lambda: _opened(Path(td)),
+                              f"first {layers} of {cfg.num_hidden_layers} layers, same weights")
+
+
+def _opened(folder: Path):
+    sess = session(folder)
+    return onnx_step(sess), backend(sess)
+
+
+def gate_layers(cfg) -> int | None:
+    """None: the gate checks the full model; else the number of leading layers it checks."""
+    return None if cfg.num_parameters() * 4 <= FULL_REFERENCE_MAX_BYTES else TRUNCATED_GATE_LAYERS
+
+
+def gate_memory_bytes(cfg, plan: ExportPlan) -> int:
+    """The gate holds the fp32 reference, then (after releasing it) an ONNX Runtime session of the gated model,
+    whose weights ORT may hold twice while it pre-packs them: the larger of the two, plus working room."""
+    layers = gate_layers(cfg)
+    gated = cfg if layers is None else cfg.replace(num_hidden_layers=layers)
+    ref = gated.num_parameters() * 4
+    sess = weight_bytes(gated, plan.precision, plan.lowering)[0] * 2
+    return int(max(ref, sess) + 2**30)
 
 
 def reference_model(ckpt: Checkpoint, num_layers: int | None = None):
@@ -118,8 +184,6 @@ def reference_model(ckpt: Checkpoint, num_layers: int | None = None):
 def dequantized_reference(ckpt: Checkpoint, report: dict, num_layers: int | None = None):
     """The reference with every weight an int4 export quantized replaced by its dequantized value: what the
     export computes, up to activation rounding."""
-    from ..quant import GGUF_EXACT, QuantSpec
-
     model = reference_model(ckpt, num_layers)
     streamer = WeightStreamer(ckpt.source, model.config)
     params = dict(model.named_parameters())
@@ -145,8 +209,6 @@ class _Truncated:
     """A weight source restricted to the tensors of a truncated config (the first N layers)."""
 
     def __init__(self, source, cfg):
-        from qwen2_ref.weights import expected_tensors
-
         self._src, self.path = source, source.path
         have = set(source.names())
         self._names = [n for n in expected_tensors(cfg) if n in have]
@@ -156,122 +218,3 @@ class _Truncated:
 
     def __getattr__(self, item):
         return getattr(self._src, item)
-
-
-def gate_prompts(ckpt: Checkpoint, tok: Tokenizer | None, batch: int = 1) -> list[list[int]]:
-    if tok is not None:
-        ids = tok.encode(GATE_PROMPT)
-    else:
-        g = torch.Generator().manual_seed(1234)
-        ids = torch.randint(0, ckpt.config.vocab_size, (24,), generator=g).tolist()
-    prompts = [ids]
-    if batch > 1:  # a shorter second row exercises left padding
-        prompts += [ids[: max(2, len(ids) // 2 - i)] for i in range(batch - 1)]
-    return prompts
-
-
-def export_onnx(ckpt: Checkpoint, out: Path, dtype: str = "fp32", *, context: int | None = None,
-                verify: bool = True, overwrite: bool = False, requantize: bool = False,
-                tolerance: Tolerance | None = None, gate_batch: int = 1, device_profile: str | None = None,
-                lowering: str = "function") -> dict:
-    """Export `ckpt` to `out` (model.onnx + external data + metadata + tokenizer + export_report.json).
-
-    Writes into a temporary folder beside `out`, runs the parity gate, and only then moves it into place.
-    """
-    if dtype not in DTYPES:
-        raise Qwen2Error(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    out = Path(out)
-    cfg = ckpt.config
-    context = context or cfg.max_position_embeddings
-    if context > cfg.max_position_embeddings and cfg.rope_scaling is None \
-            and cfg.dual_chunk_attention_config is None:
-        raise Qwen2Error(f"--max-context {context} exceeds the model's max_position_embeddings "
-                         f"{cfg.max_position_embeddings}; configure YaRN or DCA for longer contexts")
-    validate(ckpt.source, cfg)  # names and shapes, before any work
-    if verify:
-        need, have = gate_memory_bytes(cfg, dtype), available_memory_bytes()
-        if have is not None and need > have:
-            raise Qwen2Error(f"the parity gate needs about {need / 2**30:.0f} GiB of memory, {have / 2**30:.0f} GiB "
-                             "is available: pass --no-verify to export without it (the report will say so)")
-    tol = tolerance or GATE[dtype]
-    t0 = time.perf_counter()
-    report: dict = {"format": "onnx", "size": ckpt.size, "model_type": cfg.model_type, "dtype": dtype,
-                    "opset": OPSET, "source": str(ckpt.path), "source_kind": ckpt.kind,
-                    "device_profile": device_profile, "context": context,
-                    "config": cfg.to_hf_config()}
-    with staged_folder(out, overwrite) as tmp:
-        report |= build_onnx(ckpt, tmp, dtype, context, requantize, lowering=lowering)
-        report["custom_ops"] = sorted({k for k in report["ops"] if "::" in k})
-        report["custom_op_lowering"] = "function" if any(k.startswith("qwen2::") for k in report["ops"]) else None
-        report["export_peak_rss_mib"] = round(peak_rss_mib())
-        tok = ckpt.tokenizer()
-        if tok is not None:
-            tok.save(tmp)
-        report["files_mib"] = {p.name: round(p.stat().st_size / 2**20, 2) for p in sorted(tmp.iterdir())}
-        if verify:
-            report["parity"] = _gate(ckpt, tmp, dtype, context, requantize, tol, gate_batch, tok,
-                                     explicit_tolerance=tolerance is not None, lowering=lowering)
-        else:
-            report["parity"] = {"skipped": "--no-verify"}
-        report["wall_s"] = round(time.perf_counter() - t0, 2)
-        report["peak_rss_mib"] = round(peak_rss_mib())
-        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    status(f"exported {out} ({sum(report['files_mib'].values()):.0f} MiB, {report['wall_s']:.0f} s)")
-    return report
-
-
-def gate_layers(cfg) -> int | None:
-    """None: the gate checks the full model; else the number of leading layers it checks."""
-    return None if cfg.num_parameters() * 4 <= FULL_REFERENCE_MAX_BYTES else 2
-
-
-def gate_memory_bytes(cfg, dtype: str) -> int:
-    """Reference in fp32 plus an ONNX Runtime session of the gated model, plus working room."""
-    layers = gate_layers(cfg)
-    ref = (cfg if layers is None else cfg.replace(num_hidden_layers=layers)).num_parameters() * 4
-    return int(ref * (1 + {"fp32": 1.0, "fp16": 0.5, "int4": 0.35}[dtype]) + 2**30)
-
-
-def available_memory_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _gate(ckpt: Checkpoint, folder: Path, dtype: str, context: int, requantize: bool, tol: Tolerance,
-          batch: int, tok: Tokenizer | None, explicit_tolerance: bool = False, lowering: str = "function") -> dict:
-    cfg = ckpt.config
-    # Random weights give near-flat logits whose arg-max is noise: their gate holds the logit bound only,
-    # unless the caller chose the tolerance (the tests do, on tiny models where the arg-max is meaningful).
-    top1 = explicit_tolerance or not ckpt.random_weights
-    full_bytes = cfg.num_parameters() * 4
-    prompts = gate_prompts(ckpt, tok, batch)
-    if gate_layers(cfg) is None:
-        status("verifying against the reference (ONNX Runtime vs PyTorch) ...")
-        ref = reference_model(ckpt)
-        p = check_parity(session(folder), ref, prompts, GATE_DECODE_STEPS, tol, top1)
-        result = p.to_dict() | {"scope": "full model"}
-    else:
-        layers = gate_layers(cfg)
-        status(f"verifying a {layers}-layer truncation (the full fp32 reference would need "
-               f"{full_bytes / 2**30:.0f} GiB) ...")
-        import tempfile
-
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gate-") as td:
-            build_onnx(ckpt, Path(td), dtype, context, requantize, num_layers=layers, lowering=lowering)
-            ref = reference_model(ckpt, layers)
-            p = check_parity(session(td), ref, prompts, GATE_DECODE_STEPS, tol, top1)
-            del ref
-        result = p.to_dict() | {"scope": f"first {layers} of {cfg.num_hidden_layers} layers, same weights"}
-    result["top1_floor_applied"] = top1
-    if not p.passed:
-        raise ParityError(f"parity gate failed for the {dtype} export: max |Δ logits| {p.max_abs_logits:.3g} "
-                          f"(limit {tol.max_abs_logits}), top-1 agreement {p.top1_agreement:.3f} "
-                          f"(floor {tol.min_top1_agreement}); nothing was written")
-    status(f"parity: max |Δ logits| {p.max_abs_logits:.2e}, top-1 agreement {p.top1_agreement:.3f}, "
-           f"greedy agreement {p.greedy_agreement:.2f}")
-    return result

@@ -8,30 +8,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
-from .graph import MS_DOMAIN, _node, _replace
-
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    if v is None:
-        return None
-    if v.const_value is not None:
-        return v.const_value.numpy()
-    p = v.producer()
-    if p is not None and p.op_type == "Constant":
-        for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
-            if key in p.attributes:
-                a = p.attributes[key].value
-                return a.numpy() if hasattr(a, "numpy") else np.asarray(a)
-    return None
-
-
-def _only(v: ir.Value, op: str) -> ir.Node | None:
-    """The producer of v if it is `op`."""
-    p = v.producer()
-    return p if p is not None and p.op_type == op and p.domain == "" else None
+from .irutil import MS_DOMAIN, const_array, drop_dead, node, produced_by, replace
 
 
 def fuse_rms_norm(model: ir.Model) -> int:
@@ -39,15 +18,15 @@ def fuse_rms_norm(model: ir.Model) -> int:
     g = model.graph
     count = 0
     for sqrt in [n for n in g if n.op_type == "Sqrt" and n.domain == ""]:
-        add = _only(sqrt.inputs[0], "Add")
+        add = produced_by(sqrt.inputs[0], "Add")
         if add is None:
             continue
-        mean = _only(add.inputs[0], "ReduceMean")
-        eps = _const(add.inputs[1])
+        mean = produced_by(add.inputs[0], "ReduceMean")
+        eps = const_array(add.inputs[1])
         if mean is None or eps is None or eps.size != 1:
             continue
-        pow_ = _only(mean.inputs[0], "Pow")
-        if pow_ is None or _const(pow_.inputs[1]) is None or float(_const(pow_.inputs[1])) != 2.0:
+        pow_ = produced_by(mean.inputs[0], "Pow")
+        if pow_ is None or const_array(pow_.inputs[1]) is None or float(const_array(pow_.inputs[1])) != 2.0:
             continue
         x32 = pow_.inputs[0]
         recip = [u for u, _ in sqrt.outputs[0].uses() if u.op_type == "Reciprocal"]
@@ -66,14 +45,14 @@ def fuse_rms_norm(model: ir.Model) -> int:
         weight = next((i for i in scale[0].inputs if i is not tail), None)
         if weight is None or not weight.is_initializer():
             continue
-        cast_in = _only(x32, "Cast")
+        cast_in = produced_by(x32, "Cast")
         x = cast_in.inputs[0] if cast_in is not None else x32
-        fused = _node("", "SimplifiedLayerNormalization", [x, weight],
+        fused = node("", "SimplifiedLayerNormalization", [x, weight],
                       {"axis": -1, "epsilon": float(eps.reshape(-1)[0]), "stash_type": 1},
                       name=f"{weight.name}/SimplifiedLayerNormalization")
-        _replace(g, scale[0], fused)
+        replace(g, scale[0], fused)
         count += 1
-    _drop_dead(g)
+    drop_dead(g)
     return count
 
 
@@ -82,16 +61,15 @@ def fuse_skip_rms_norm(model: ir.Model) -> int:
     g = model.graph
     count = 0
     for norm in [n for n in g if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]:
-        add = _only(norm.inputs[0], "Add")
+        add = produced_by(norm.inputs[0], "Add")
         if add is None or any(i is None or i.is_initializer() or i.const_value is not None for i in add.inputs):
             continue
         a, b = add.inputs
         if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
             continue  # a broadcast Add is not a residual
         eps = norm.attributes["epsilon"].as_float()
-        fused = ir.Node(MS_DOMAIN, "SkipSimplifiedLayerNormalization", [a, b, norm.inputs[1]],
-                        ir.convenience.convert_attributes({"epsilon": eps}), num_outputs=4,
-                        name=f"{norm.name}/Skip")
+        fused = node(MS_DOMAIN, "SkipSimplifiedLayerNormalization", [a, b, norm.inputs[1]], {"epsilon": eps},
+                     name=f"{norm.name}/Skip", num_outputs=4)
         g.insert_before(add, fused)
         total = fused.outputs[3]
         add.outputs[0].replace_all_uses_with(total, replace_graph_outputs=True)
@@ -106,17 +84,6 @@ def fuse_skip_rms_norm(model: ir.Model) -> int:
     if count:
         model.opset_imports[MS_DOMAIN] = 1
     return count
-
-
-def _drop_dead(g: ir.Graph) -> None:
-    """The matched chains are now dead: drop nodes whose outputs nobody uses."""
-    changed = True
-    while changed:
-        changed = False
-        for n in list(g):
-            if all(not o.uses() and not o.is_graph_output() for o in n.outputs):
-                g.remove(n, safe=True)
-                changed = True
 
 
 def fold_matmulnbits_bias(model: ir.Model) -> int:
@@ -136,7 +103,7 @@ def fold_matmulnbits_bias(model: ir.Model) -> int:
         if bias is None or not bias.is_initializer() or bias.shape is None or list(bias.shape) != [n_out]:
             continue
         ins = list(mm.inputs) + [None] * (4 - len(mm.inputs)) + [None, bias]
-        _replace(g, add, ir.Node(MS_DOMAIN, "MatMulNBits", ins, list(mm.attributes.values()), name=mm.name))
+        replace(g, add, ir.Node(MS_DOMAIN, "MatMulNBits", ins, list(mm.attributes.values()), name=mm.name))
         g.remove(mm, safe=True)
         count += 1
     return count
@@ -153,13 +120,13 @@ def share_attention_inputs(model: ir.Model) -> int:
     g = model.graph
     gqa = [n for n in g if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
     count = 0
-    for node in gqa[1:]:
+    for layer in gqa[1:]:
         for i in _GQA_SHARED:
-            if i < len(node.inputs) and i < len(gqa[0].inputs):
-                mine, first = node.inputs[i], gqa[0].inputs[i]
+            if i < len(layer.inputs) and i < len(gqa[0].inputs):
+                mine, first = layer.inputs[i], gqa[0].inputs[i]
                 if mine is not None and first is not None and mine is not first:
-                    node.replace_input_with(i, first)
+                    layer.replace_input_with(i, first)
                     count += 1
     if count:
-        _drop_dead(g)
+        drop_dead(g)
     return count

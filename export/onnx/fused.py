@@ -24,13 +24,13 @@ import torch
 from onnxscript import opset21 as op
 
 from qwen2_ref import rope
-from qwen2_ref.config import ModelArgs
 from qwen2_ref.model import Attention, Qwen2ForCausalLM
-from qwen2_ref.ops import _masked_softmax_av
+from qwen2_ref.ops import masked_softmax_av
 
 from ..quant import QuantSpec
 from . import custom_ops
-from .graph import MS_DOMAIN, WeightUse, _initializer, _node, _replace
+from .irutil import MS_DOMAIN, initializer, node, replace
+from .linears import ACCURACY_LEVEL, WeightKind, WeightUse
 
 COS_CACHE, SIN_CACHE = "rope_cos_cache", "rope_sin_cache"
 
@@ -60,7 +60,7 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pas
     allowed = causal[None, None] & attention_mask.to(torch.bool)[:, None, None, :]
     groups = num_heads // kv_heads
     scores = q @ k.repeat_interleave(groups, 1).transpose(-1, -2) * scale
-    out = _masked_softmax_av(scores, allowed, v.repeat_interleave(groups, 1))
+    out = masked_softmax_av(scores, allowed, v.repeat_interleave(groups, 1))
     return out.transpose(1, 2).reshape(B, T, num_heads * d), k, v
 
 
@@ -83,32 +83,17 @@ class FusedAttention(Attention):
         return self.o_proj(out), (k, v)
 
 
-def rope_cache_rows(cfg: ModelArgs) -> int:
-    rs = cfg.rope_scaling
-    longest = cfg.max_position_embeddings
-    if rs is not None:
-        longest = max(longest, int(rs.original_max_position_embeddings * rs.factor))
-    return longest
-
-
-def rope_caches(cfg: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin (rows, d/2) in fp32, YaRN's attention factor folded in (GQA rotates q and k by these)."""
-    inv, scale = rope.inv_freq_and_scale(cfg)
-    freqs = torch.arange(rope_cache_rows(cfg), dtype=torch.float32)[:, None] * inv[None]
-    return freqs.cos() * scale, freqs.sin() * scale
-
-
 def use_fused_attention(model: Qwen2ForCausalLM) -> int:
     """Swap the attention of every non-DCA layer for FusedAttention; returns how many were swapped."""
     cfg = model.config
     if cfg.dual_chunk_attention_config is not None:
         return 0
     p = next(model.parameters())
-    shape = (rope_cache_rows(cfg), cfg.head_dim // 2)
+    shape = (rope.max_positions(cfg), cfg.head_dim // 2)
     model.register_buffer(COS_CACHE, torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
     model.register_buffer(SIN_CACHE, torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
     if p.device.type != "meta":
-        cos, sin = rope_caches(cfg)
+        cos, sin = rope.rope_tables(cfg, shape[0], half=True)
         model.rope_cos_cache.copy_(cos)
         model.rope_sin_cache.copy_(sin)
     for layer in model.model.layers:
@@ -170,8 +155,8 @@ def translation_table() -> dict:
 
 # ---- MoE: qwen2.MoE -> com.microsoft.MoE / QMoE ------------------------------------------------------------------
 def fuse_moe(model: ir.Model, uses: dict[str, WeightUse], quant: QuantSpec | None = None) -> int:
-    """Replace every qwen2.MoE node by ORT's MoE kernel (float experts) or, with `quant` (int4 exports), QMoE with
-    block-quantized experts. Adds the new expert tensors (gate/up interleaved into fc1) to `uses`.
+    """Replace every qwen2.MoE node by ORT's MoE kernel (float experts) or, with `quant` (quantized precisions),
+    QMoE with experts in that block format. Adds the new expert tensors (gate/up interleaved into fc1) to `uses`.
 
     QMoE renormalizes the top-k routing weights whatever `normalize_routing_weights` says (measured on ORT 1.32:
     its output equals the renormalized reference to 2e-7 with the attribute 0 or 1). For norm_topk_prob=False
@@ -180,39 +165,41 @@ def fuse_moe(model: ir.Model, uses: dict[str, WeightUse], quant: QuantSpec | Non
     """
     g = model.graph
     count = 0
-    for node in [n for n in g if n.domain == custom_ops.DOMAIN and n.op_type == "MoE"]:
-        x, logits, gate, up, down = node.inputs
+    for moe in [n for n in g if n.domain == custom_ops.DOMAIN and n.op_type == "MoE"]:
+        x, logits, gate, up, down = moe.inputs
         e, inter, hidden = gate.shape[0], gate.shape[1], gate.shape[2]
         base = gate.name.rsplit(".", 1)[0]  # ...mlp.experts
-        top_k, normalize = node.attributes["top_k"].as_int(), node.attributes["normalize"].as_int()
+        top_k, normalize = moe.attributes["top_k"].as_int(), moe.attributes["normalize"].as_int()
         attrs = {"k": top_k, "normalize_routing_weights": normalize, "activation_type": "swiglu",
                  "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
         if quant is None:
-            fc1 = _initializer(f"{base}.gate_up_proj", gate.dtype, (e, 2 * inter, hidden))
+            fc1 = initializer(f"{base}.gate_up_proj", gate.dtype, (e, 2 * inter, hidden))
             g.register_initializer(fc1)
-            new = _node(MS_DOMAIN, "MoE", [x, logits, fc1, None, down], attrs, name=f"{base}/MoE")
-            uses[fc1.name] = WeightUse(fc1.name, "interleaved", [fc1])
-            _replace(g, node, new)
+            new = node(MS_DOMAIN, "MoE", [x, logits, fc1, None, down], attrs, name=f"{base}/MoE")
+            uses[fc1.name] = WeightUse(fc1.name, WeightKind.INTERLEAVED, [fc1])
+            replace(g, moe, new)
         else:
             ins = []
             for src, n_out, k_in in ((f"{base}.gate_up_proj", 2 * inter, hidden), (down.name, hidden, inter)):
-                nb = k_in // quant.block
-                outs = (_initializer(f"{src}.q4", ir.DataType.UINT8, (e, n_out, k_in // 2)),
-                        _initializer(f"{src}.scales", gate.dtype, (e, n_out, nb)),
-                        _initializer(f"{src}.zero_points", ir.DataType.UINT8, (e, n_out, -(-nb // 2))))
+                shapes = quant.shapes(n_out, k_in)  # one expert's MatMulNBits layout
+                nb, blob = shapes["B"][1], shapes["B"][2]
+                outs = (initializer(f"{src}.q{quant.bits}", ir.DataType.UINT8, (e, n_out, nb * blob)),
+                        initializer(f"{src}.scales", gate.dtype, (e, n_out, nb)),
+                        initializer(f"{src}.zero_points", ir.DataType.UINT8,
+                                    (e, n_out, shapes["zero_points"][0] // n_out)))
                 for v in outs:
                     g.register_initializer(v)
-                uses[f"{src}.q4"] = WeightUse(src, "quantized_experts", list(outs), quant)
+                uses[f"{src}.q{quant.bits}"] = WeightUse(src, WeightKind.QUANTIZED_EXPERTS, list(outs), quant)
                 ins.append(outs)
             (w1, s1, z1), (w2, s2, z2) = ins
-            attrs |= {"expert_weight_bits": 4, "block_size": quant.block, "weights_prepacked": 0,
-                      "accuracy_level": 4}
-            new = _node(MS_DOMAIN, "QMoE", [x, logits, w1, s1, None, w2, s2, None, None, None, None, z1, z2],
-                        attrs, name=f"{base}/QMoE")
+            attrs |= {"expert_weight_bits": quant.bits, "block_size": quant.block, "weights_prepacked": 0,
+                      "accuracy_level": ACCURACY_LEVEL}
+            new = node(MS_DOMAIN, "QMoE", [x, logits, w1, s1, None, w2, s2, None, None, None, None, z1, z2],
+                       attrs, name=f"{base}/QMoE")
             if normalize:
-                _replace(g, node, new)
+                replace(g, moe, new)
             else:
-                _replace(g, node, _times_topk_mass(g, node, new, logits, top_k, base))
+                replace(g, moe, _times_topk_mass(g, moe, new, logits, top_k, base))
         for w in (gate, up, down):
             if not w.uses():
                 g.initializers.pop(w.name, None)
@@ -234,13 +221,12 @@ def _times_topk_mass(g: ir.Graph, before: ir.Node, moe: ir.Node, logits: ir.Valu
     for c in (k, axes):
         g.register_initializer(c)
     nodes = [
-        f32 := _node("", "Cast", [logits], {"to": ir.DataType.FLOAT}, name=f"{name}/router_fp32"),
-        sm := _node("", "Softmax", [f32.outputs[0]], {"axis": -1}, name=f"{name}/router_softmax"),
-        tk := ir.Node("", "TopK", [sm.outputs[0], k], ir.convenience.convert_attributes({"axis": -1}),
-                      num_outputs=2, name=f"{name}/router_topk"),
-        mass := _node("", "ReduceSum", [tk.outputs[0], axes], {"keepdims": 1}, name=f"{name}/topk_mass"),
-        cast := _node("", "CastLike", [mass.outputs[0], logits], name=f"{name}/topk_mass_cast"),
+        f32 := node("", "Cast", [logits], {"to": ir.DataType.FLOAT}, name=f"{name}/router_fp32"),
+        sm := node("", "Softmax", [f32.outputs[0]], {"axis": -1}, name=f"{name}/router_softmax"),
+        tk := node("", "TopK", [sm.outputs[0], k], {"axis": -1}, name=f"{name}/router_topk", num_outputs=2),
+        mass := node("", "ReduceSum", [tk.outputs[0], axes], {"keepdims": 1}, name=f"{name}/topk_mass"),
+        cast := node("", "CastLike", [mass.outputs[0], logits], name=f"{name}/topk_mass_cast"),
     ]
     for n in nodes + [moe]:
         g.insert_before(before, n)
-    return _node("", "Mul", [moe.outputs[0], cast.outputs[0]], name=f"{name}/unnormalize")
+    return node("", "Mul", [moe.outputs[0], cast.outputs[0]], name=f"{name}/unnormalize")

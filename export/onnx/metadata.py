@@ -7,6 +7,8 @@ from pathlib import Path
 
 from qwen2_ref.config import ModelArgs
 
+from ..precision import Precision
+
 
 def eos_ids(cfg: ModelArgs) -> list[int]:
     ids = [cfg.eos_token_id]
@@ -15,8 +17,8 @@ def eos_ids(cfg: ModelArgs) -> list[int]:
     return ids
 
 
-def write_metadata(folder: Path, cfg: ModelArgs, dtype: str, context: int) -> None:
-    hf = cfg.to_hf_config() | {"torch_dtype": "float16" if dtype == "fp16" else "float32", "use_cache": True}
+def write_metadata(folder: Path, cfg: ModelArgs, precision: Precision, context: int) -> None:
+    hf = cfg.to_hf_config() | {"torch_dtype": precision.hf_torch_dtype, "use_cache": True}
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids(cfg), "pad_token_id": cfg.bos_token_id,
            "do_sample": False}

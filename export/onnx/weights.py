@@ -15,18 +15,17 @@ import onnx_ir as ir
 import torch
 
 from qwen2_ref.config import ModelArgs
-from qwen2_ref.rope import inv_freq_and_scale
-from qwen2_ref.weights import WeightSource, param_slot
+from qwen2_ref import rope
+from qwen2_ref.weights import WeightSource
 
 from ..quant import GGUF_EXACT, QuantSpec, quantize_from_gguf, quantize_rtn
-from .fused import rope_caches
-from .graph import WeightUse
+from .linears import WeightKind, WeightUse
 
-ROW_BLOCK = 8192
-# Buffers computed from the config, not read from the checkpoint.
-COMPUTED = {"rope_inv_freq": lambda cfg: inv_freq_and_scale(cfg)[0],
-            "rope_cos_cache": lambda cfg: rope_caches(cfg)[0],
-            "rope_sin_cache": lambda cfg: rope_caches(cfg)[1]}  # rows per block when streaming a float tensor or quantizing
+ROW_BLOCK = 8192  # rows per block when streaming a float tensor or quantizing
+# Buffers computed from the config, not read from the checkpoint (GroupQueryAttention's cos/sin caches).
+COMPUTED = {"rope_inv_freq": lambda cfg: rope.inv_freq_and_scale(cfg)[0],
+            "rope_cos_cache": lambda cfg: rope.rope_tables(cfg, rope.max_positions(cfg), half=True)[0],
+            "rope_sin_cache": lambda cfg: rope.rope_tables(cfg, rope.max_positions(cfg), half=True)[1]}
 
 
 class StreamedTensor(ir.LazyTensor):
@@ -49,8 +48,12 @@ NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.Data
 class WeightStreamer:
     """Reads reference parameters (by model parameter name) from a checkpoint's weight source."""
 
-    def __init__(self, source: WeightSource, cfg: ModelArgs, requantize: bool = False):
+    def __init__(self, source: WeightSource, cfg: ModelArgs, base: QuantSpec | None = None,
+                 requantize: bool = False):
+        """`base`: the precision's block format for weights re-quantized from floats; `requantize`: never carry a
+        GGUF's own blocks over."""
         self.source, self.cfg, self.requantize = source, cfg, requantize
+        self.base = base or QuantSpec(bits=4, block=32)
 
     # -- reading ------------------------------------------------------------------------------------------------
     def checkpoint_names(self, param: str) -> list[str]:
@@ -83,7 +86,7 @@ class WeightStreamer:
             gtype = self.source.tensor_type(param)
             if gtype in GGUF_EXACT:
                 return GGUF_EXACT[gtype][2]
-        return QuantSpec(bits=4, block=32)
+        return self.base
 
     def _quantized_blocks(self, param: str, spec: QuantSpec):
         n = self.n_rows(param)
@@ -115,16 +118,16 @@ class WeightStreamer:
     # -- attaching ----------------------------------------------------------------------------------------------
     def attach(self, uses: dict[str, WeightUse]) -> None:
         for use in uses.values():
-            if use.kind == "quantized_experts":
+            if use.kind is WeightKind.QUANTIZED_EXPERTS:
                 self._attach_quantized_experts(use.outputs, use.source, use.spec)
-            elif use.kind == "transposed":
+            elif use.kind is WeightKind.TRANSPOSED:
                 self._attach_float(use.outputs[0], use.source, transpose=True)
-            elif use.kind in ("quantized", "quantized+plain"):
+            elif use.kind in (WeightKind.QUANTIZED, WeightKind.QUANTIZED_AND_PLAIN):
                 outs = list(use.outputs)
-                if use.kind == "quantized+plain":
+                if use.kind is WeightKind.QUANTIZED_AND_PLAIN:
                     self._attach_float(outs.pop(0), use.source)
                 self._attach_quantized(outs, use.source, use.spec, use.keys)
-            else:
+            else:  # PLAIN, INTERLEAVED (rows() interleaves gate and up)
                 self._attach_float(use.outputs[0], use.source)
 
     def _attach_float(self, value: ir.Value, param: str, transpose: bool = False) -> None:
@@ -147,8 +150,9 @@ class WeightStreamer:
         value.const_value = StreamedTensor(blocks, value.dtype, shape, value.name)
 
     def _attach_quantized_experts(self, outs: list[ir.Value], param: str, spec: QuantSpec) -> None:
-        """QMoE's (E, N, K/2) codes, (E, N, K/block) scales and (E, N, ⌈blocks/2⌉) packed zero points; quantized
-        expert by expert on first demand (the packed result is ~1/7 of the fp32 tensor), each written once."""
+        """QMoE's (E, N, K·bits/8) codes, (E, N, K/block) scales and (E, N, ·) zero points (4-bit: two per byte),
+        each expert in MatMulNBits' layout; quantized expert by expert on first demand (4-bit: the packed result is
+        ~1/7 of the fp32 tensor), each written once."""
         cache: dict[str, np.ndarray] = {}
         keys = ("B", "scales", "zero_points")
 

@@ -1,0 +1,131 @@
+"""The export plan: every choice an export makes, resolved once from the flags, the device profile and the
+checkpoint, then handed to the exporter as one frozen value.
+
+Precedence: an explicit flag, else the device profile's value, else the target's default. A flag that overrides the
+profile is said out loud (`overrides`, printed by the CLI and kept in the report), never silently. The library and
+the CLI share these defaults: `make_plan("onnx", ckpt)` is what `python -m export onnx --checkpoint …` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import devices
+from qwen2_ref.checkpoint import Checkpoint
+from qwen2_ref.errors import Qwen2Error
+
+from . import precision as precisions
+from .precision import Precision
+from .tolerances import Tolerance
+
+LOWERINGS = ("fused", "function")  # ONNX: ONNX Runtime's fused kernels, or standard ops + our domain's functions
+DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says
+    "onnx": {"device": None, "dtype": "fp32", "lowering": "fused"},
+    "coreml": {"device": "iphone-15-pro", "dtype": "int4", "context": 4096},
+}
+CONTEXT_FLAG = {"onnx": "--max-context", "coreml": "--context"}
+COMMAND = {"onnx": "python -m export onnx", "coreml": "python -m export coreml"}
+RUNTIME_NAME = {"onnx": "ONNX", "coreml": "Core ML"}
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The parity gate: on or off, the tolerance it holds (None: the precision's) and its batch (a second, shorter
+    row exercises left padding; ONNX only)."""
+
+    enabled: bool = True
+    tolerance: Tolerance | None = None
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    target: str  # "onnx" | "coreml"
+    precision: Precision
+    recipe: str | None  # quantized precisions: "gguf-exact" (a GGUF keeps its blocks where the target can run
+    # them) or "requantize" (every weight re-quantized from floats); None for float precisions
+    lowering: str | None  # ONNX: "fused" | "function"; Core ML: None
+    context: int  # positions the export is made for (Core ML: before padding to the profile's state multiple)
+    profile: devices.DeviceProfile | None
+    gate: GateSettings
+    out: Path
+    overwrite: bool = False
+    overrides: tuple[str, ...] = field(default=())  # "--dtype fp16 overrides device profile l4's int4", ...
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return self.gate.tolerance or self.precision.tolerance
+
+    def describe(self) -> dict:
+        """The plan as the export report records it."""
+        return {"format": self.target, "dtype": self.precision.name, "recipe": self.recipe,
+                "lowering": self.lowering, "context": self.context,
+                "device_profile": self.profile.name if self.profile else None,
+                "gate": "on" if self.gate.enabled else "skipped (--no-verify)", "overrides": list(self.overrides)}
+
+
+def settle(flag: str, given, profile_value, profile: devices.DeviceProfile | None, notes: list[str]):
+    """An explicit flag wins over the profile; a disagreement goes into `notes`."""
+    if given is None:
+        return profile_value
+    if profile is not None and profile_value is not None and given != profile_value:
+        notes.append(f"{flag} {given} overrides device profile {profile.name}'s {profile_value}")
+    return given
+
+
+def target_profile(target: str, device: str | devices.DeviceProfile | None) -> devices.DeviceProfile | None:
+    """The device profile for `target` (its default when None; a profile object is taken as it is); refuses a
+    profile of the other runtime."""
+    device = device if device is not None else DEFAULTS[target]["device"]
+    if device is None:
+        return None
+    prof = device if isinstance(device, devices.DeviceProfile) else devices.get(device)
+    device = prof.name
+    if prof.runtime != target:
+        raise Qwen2Error(f"--device {device} runs {RUNTIME_NAME[prof.runtime]}, not {RUNTIME_NAME[target]}; use "
+                         f"`{COMMAND[prof.runtime]} --device {device}`")
+    return prof
+
+
+def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
+              device: str | devices.DeviceProfile | None = None,
+              context: int | None = None, lowering: str | None = None, requantize: bool = False,
+              verify: bool = True, out: str | Path | None = None, overwrite: bool = False,
+              tolerance: Tolerance | None = None, gate_batch: int = 1) -> ExportPlan:
+    if target not in precisions.TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    prof = target_profile(target, device)
+    notes: list[str] = []
+    defaults = DEFAULTS[target]
+    name = settle("--dtype", dtype, prof.default_dtype if prof else None, prof, notes) or defaults["dtype"]
+    what = "--dtype" if dtype is not None or prof is None else f"device profile {prof.name}'s default_dtype"
+    prec = precisions.get(target, name, what)
+    cfg = ckpt.config
+    flag = CONTEXT_FLAG[target]
+    ctx = settle(flag, context, prof.default_context if prof else None, prof, notes)
+    ctx = ctx or defaults.get("context") or cfg.max_position_embeddings
+    longer_ok = target == "onnx" and (cfg.rope_scaling is not None or cfg.dual_chunk_attention_config is not None)
+    if ctx > cfg.max_position_embeddings and not longer_ok:
+        hint = "; configure YaRN or DCA for longer contexts" if target == "onnx" else ""
+        raise Qwen2Error(f"{flag} {ctx} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}{hint}")
+    if target == "onnx":
+        low = settle("--lowering", lowering, prof.onnx_lowering if prof else None, prof, notes) \
+            or defaults["lowering"]
+        if low not in LOWERINGS:
+            raise Qwen2Error(f"--lowering {low!r} is not one of {', '.join(LOWERINGS)}")
+    elif lowering is not None:
+        raise Qwen2Error("--lowering applies to ONNX exports only")
+    else:
+        low = None
+    if requantize and not prec.quantized:
+        raise Qwen2Error(f"--requantize applies to quantized precisions, not {prec.name}")
+    recipe = None if not prec.quantized else "requantize" if requantize or target != "onnx" else "gguf-exact"
+    if out is None:
+        label = ckpt.size or (str(ckpt.path).strip("<>").removeprefix("random ") if ckpt.kind == "random"
+                              else ckpt.path.stem)
+        out = Path("exports") / (f"qwen2-{label}-{prec.name}" if target == "onnx" else
+                                 f"qwen2-{label}-coreml-{prec.name}")
+    return ExportPlan(target, prec, recipe, low, int(ctx), prof, GateSettings(verify, tolerance, gate_batch),
+                      Path(out), overwrite, tuple(notes))

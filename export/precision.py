@@ -1,0 +1,111 @@
+"""Precisions as values: what each `--dtype` stores, computes in, caches in, and must hold to at the gate.
+
+A precision belongs to one target (ONNX and Core ML int4 differ: fp32 vs fp16 activations, ORT's MatMulNBits vs
+Core ML's blockwise constants). Everything that varies with the dtype reads it from here: the CLI's choices, the
+traced dtype, the weight format the lowering writes, the gate's tolerance, `python -m export plan`'s sizes and the
+metadata. Adding a precision is one entry below plus its lowering (the ONNX or Core ML code that reads `weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen2_ref.errors import Qwen2Error
+
+from .tolerances import COREML_GATE, GATE, Tolerance
+
+TARGETS = ("onnx", "coreml")
+# Weights that stay float under every quantized precision: the MoE routers (a rounded router logit can pick a
+# different expert).
+ROUTERS = ("mlp.gate.weight", "shared_expert_gate.weight")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How linear-layer (and embedding) weights are stored when they are not plain floats.
+
+    scheme "affine": w = (code − zero_point) · scale, one scale per `block` elements along the input dimension
+    (per output channel when `block` is None); "palette": each weight an index into a `2**bits`-entry table shared by
+    `group` output channels."""
+
+    scheme: str
+    bits: int
+    block: int | None = None
+    symmetric: bool = False
+    group: int | None = None
+    scale_bytes: int = 4  # bytes of one scale (and of one float table entry)
+
+    def stored_bytes(self, rows: int, cols: int) -> float:
+        """Bytes of a (rows, cols) weight in this format: codes, scales and zero points (or tables)."""
+        if self.scheme == "palette":
+            return rows * cols * self.bits / 8 + -(-rows // (self.group or 1)) * (1 << self.bits) * self.scale_bytes
+        per_row = -(-cols // self.block) if self.block else 1  # blocks per output row
+        codes = rows * per_row * (self.block or cols) * self.bits / 8  # a row's last block padded whole
+        zero_points = 0 if self.symmetric else rows * -(-per_row * self.bits // 8)  # packed per row
+        return codes + rows * per_row * self.scale_bytes + zero_points
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One `--dtype` of one target."""
+
+    name: str  # the --dtype value
+    target: str  # "onnx" | "coreml"
+    summary: str  # for --help
+    compute: torch.dtype  # activations: the dtype the graph computes in
+    kv_cache: torch.dtype  # the KV cache's dtype
+    float_weights: torch.dtype  # weights stored as floats (all of them, unless `weights` says otherwise)
+    weights: WeightFormat | None  # the linear layers' (and embedding's) format; None: floats
+    tolerance: Tolerance  # the export gate's bar on a real checkpoint
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights is not None
+
+    def float_bytes(self, n: int) -> float:
+        return n * torch.empty((), dtype=self.float_weights).element_size()
+
+    @property
+    def hf_torch_dtype(self) -> str:
+        """config.json's `torch_dtype` for runtimes that read it (optimum): the dtype of the graph's activations."""
+        return str(self.compute).removeprefix("torch.")
+
+
+# ONNX Runtime's MatMulNBits: 4-bit codes, block 32 along K, fp32 scales, packed 4-bit zero points.
+MATMUL_NBITS_4 = WeightFormat("affine", bits=4, block=32)
+
+_ONNX = [
+    Precision("fp32", "onnx", "fp32 weights and activations", torch.float32, torch.float32, torch.float32, None,
+              GATE["fp32"]),
+    Precision("fp16", "onnx", "fp16 weights, activations and KV cache (norms and softmax in fp32)", torch.float16,
+              torch.float16, torch.float16, None, GATE["fp16"]),
+    Precision("int4", "onnx", "4-bit MatMulNBits weights (block 32), fp32 activations; a GGUF keeps its own blocks",
+              torch.float32, torch.float32, torch.float32, MATMUL_NBITS_4, GATE["int4"]),
+]
+# Core ML computes in fp16 whatever the weights (activations and the KV-cache states); scales are fp16.
+_COREML = [
+    Precision("int4", "coreml", "4-bit per-block (32) weights with offsets, clip-searched", torch.float16,
+              torch.float16, torch.float16, WeightFormat("affine", 4, 32, scale_bytes=2), COREML_GATE["int4"]),
+    Precision("int8", "coreml", "8-bit symmetric per-channel weights", torch.float16, torch.float16, torch.float16,
+              WeightFormat("affine", 8, None, symmetric=True, scale_bytes=2), COREML_GATE["int8"]),
+    Precision("fp16", "coreml", "fp16 weights", torch.float16, torch.float16, torch.float16, None,
+              COREML_GATE["fp16"]),
+    Precision("palettize4", "coreml", "16-entry k-means table per 16 output channels", torch.float16, torch.float16,
+              torch.float16, WeightFormat("palette", 4, group=16, scale_bytes=2), COREML_GATE["palettize4"]),
+]
+PRECISIONS: dict[str, dict[str, Precision]] = {t: {p.name: p for p in ps if p.target == t}
+                                               for t, ps in (("onnx", _ONNX), ("coreml", _COREML))}
+
+
+def names(target: str) -> list[str]:
+    """The --dtype choices of a target, in the order --help lists them."""
+    return list(PRECISIONS[target])
+
+
+def get(target: str, name: str, what: str = "--dtype") -> Precision:
+    try:
+        return PRECISIONS[target][name]
+    except KeyError:
+        raise Qwen2Error(f"{what} {name!r} is not a {target} precision; valid: {', '.join(names(target))}") from None
