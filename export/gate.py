@@ -116,11 +116,10 @@ def compare(target: Step, run: ReferenceRun, tolerance: Tolerance, backend: str,
     return p
 
 
-def check_parity(target: Step, reference: Step | ReferenceRun, prompts: Sequence[Sequence[int]],
-                 decode_steps: int, tolerance: Tolerance, backend: str = "", require_top1: bool = True) -> Parity:
-    """Teacher-forced comparison of two fresh step functions (or a target against a recorded reference)."""
-    run = reference if isinstance(reference, ReferenceRun) else record(reference, prompts, decode_steps)
-    return compare(target, run, tolerance, backend, require_top1)
+def check_parity(target: Step, reference: Step, prompts: Sequence[Sequence[int]], decode_steps: int,
+                 tolerance: Tolerance, backend: str = "", require_top1: bool = True) -> Parity:
+    """Teacher-forced comparison of two fresh step functions."""
+    return compare(target, record(reference, prompts, decode_steps), tolerance, backend, require_top1)
 
 
 # ---- the gate of an export -------------------------------------------------------------------------------------

@@ -139,13 +139,12 @@ def tiny_export(tmp_path_factory):
 
 
 def onnx_parity(folder: Path, reference, prompts, decode_steps: int, tolerance):
-    """ONNX Runtime over an export folder against a reference model (or a recorded run), teacher-forced."""
+    """ONNX Runtime over an export folder against a reference model, teacher-forced."""
     from export.gate import check_parity, reference_step
     from export.onnx.verify import backend, onnx_step, session
 
     sess = session(folder)
-    ref = reference if not isinstance(reference, torch.nn.Module) else reference_step(reference)
-    return check_parity(onnx_step(sess), ref, prompts, decode_steps, tolerance, backend(sess))
+    return check_parity(onnx_step(sess), reference_step(reference), prompts, decode_steps, tolerance, backend(sess))
 
 
 @pytest.fixture(scope="session")
