@@ -22,6 +22,12 @@ TARGETS = ("onnx", "coreml")
 ROUTERS = ("mlp.gate.weight", "shared_expert_gate.weight")
 
 
+def quantizable(name: str, shape) -> bool:
+    """A weight a quantized precision stores in its WeightFormat: every 2-D linear weight but the MoE routers.
+    The ONNX lowering and `plan`'s sizes both decide by this."""
+    return len(shape or ()) == 2 and name.endswith(".weight") and not name.endswith(ROUTERS)
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """How linear-layer (and embedding) weights are stored when they are not plain floats.

@@ -24,11 +24,11 @@ from qwen2_ref.weights import expected_tensors
 
 from . import precision as precisions
 from .plan import settle
-from .precision import ROUTERS, Precision
+from .precision import Precision, quantizable
 
 
 def _compressed(name: str, shape: tuple[int, ...], precision: Precision, lowering: str | None) -> bool:
-    if not precision.quantized or len(shape) != 2 or not name.endswith(".weight") or name.endswith(ROUTERS):
+    if not precision.quantized or not quantizable(name, shape):
         return False
     if ".mlp.experts." in name and precision.target == "onnx":
         block = precision.weights.block or 1

@@ -22,13 +22,14 @@ from qwen2_ref.weights import expected_tensors, load_into
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
 from ..plan import ExportPlan, make_plan
+from ..precision import quantizable
 from ..quant import GGUF_EXACT, QuantSpec
 from ..sizing import weight_bytes
 from .fuse import fold_matmulnbits_bias, fuse_rms_norm, fuse_skip_rms_norm, share_attention_inputs
 from .fused import fuse_moe
 from .graph import OPSET, add_logits_to_keep, trace
 from .irutil import ops_histogram
-from .linears import ACCURACY_LEVEL, lower_linears, quantizable
+from .linears import ACCURACY_LEVEL, lower_linears
 from .metadata import write_metadata
 from .verify import backend, onnx_step, session
 from .weights import WeightStreamer

@@ -12,7 +12,6 @@ from enum import Enum
 import numpy as np
 import onnx_ir as ir
 
-from ..precision import ROUTERS
 from ..quant import QuantSpec
 from .irutil import MS_DOMAIN, initializer, node, replace
 
@@ -29,11 +28,6 @@ class WeightKind(Enum):
     QUANTIZED_AND_PLAIN = "quantized+plain"  # a tied table: float for the gather, blocks for the head
     INTERLEAVED = "interleaved"  # ORT MoE fc1: each expert's gate and up rows interleaved (E, 2I, H)
     QUANTIZED_EXPERTS = "quantized_experts"  # QMoE: stacked experts quantized expert by expert
-
-
-def quantizable(name: str, shape) -> bool:
-    """A weight a quantized precision stores in blocks: every 2-D linear weight but the MoE routers."""
-    return len(shape or ()) == 2 and name.endswith(".weight") and not name.endswith(ROUTERS)
 
 
 @dataclass
