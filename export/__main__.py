@@ -56,9 +56,14 @@ def cli() -> None:
 @click.option("--max-context", "context", type=click.IntRange(1), default=None,
               help="Context length recorded for runtimes.")
 @click.option("--random-weights", is_flag=True, help="Random weights: architecture-only work, no checkpoint.")
-@click.option("--requantize", is_flag=True,
-              help="Quantized --dtype from a GGUF: re-quantize every weight instead of carrying its blocks over "
-                   "(refused for float precisions).")
+@click.option("--quantizer", type=click.Choice(["calibrated", "exact", "rtn"]), default=None,
+              help="int4: calibrated (default) = GPTQ against the model's own activations on a calibration text, "
+                   "and from a GGUF its exact blocks where they matter most; exact = a GGUF's own blocks carried "
+                   "over (5/6/8-bit ones as 8-bit codes); rtn = plain round-to-nearest 4-bit.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="Text file the calibrated quantizer runs the model on (default: the one shipped in "
+                   "export/data; never the text you evaluate on).")
+@click.option("--requantize", is_flag=True, help="Same as --quantizer rtn.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity gate (the report says so).")
 @click.option("--lowering", type=click.Choice(list(LOWERINGS)), default=None,

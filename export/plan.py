@@ -19,7 +19,9 @@ from . import precision as precisions
 from .precision import Precision
 from .tolerances import Tolerance
 
-LOWERINGS = ("fused", "function")  # ONNX: ONNX Runtime's fused kernels, or standard ops + our domain's functions
+LOWERINGS = ("fused", "function")
+# ONNX 4-bit quantizers (--quantizer) and the recipe each one puts in the plan
+QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "rtn": "requantize"}  # ONNX: ONNX Runtime's fused kernels, or standard ops + our domain's functions
 DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says
     "onnx": {"device": None, "dtype": "fp32", "lowering": "fused"},
     "coreml": {"device": "iphone-15-pro", "dtype": "int4", "context": 4096},
@@ -43,8 +45,9 @@ class GateSettings:
 class ExportPlan:
     target: str  # "onnx" | "coreml"
     precision: Precision
-    recipe: str | None  # quantized precisions: "gguf-exact" (a GGUF keeps its blocks where the target can run
-    # them) or "requantize" (every weight re-quantized from floats); None for float precisions
+    recipe: str | None  # quantized precisions: "calibrated" (GPTQ against the reference's inputs on a calibration
+    # text; a GGUF keeps its exact blocks where they are worth their bits), "gguf-exact" (a GGUF keeps its blocks
+    # where the target can run them) or "requantize" (plain round-to-nearest from floats); None for floats
     lowering: str | None  # ONNX: "fused" | "function"; Core ML: None
     context: int  # positions the export is made for (Core ML: before padding to the profile's state multiple)
     profile: devices.DeviceProfile | None
@@ -52,6 +55,7 @@ class ExportPlan:
     out: Path
     overwrite: bool = False
     overrides: tuple[str, ...] = field(default=())  # "--dtype fp16 overrides device profile l4's int4", ...
+    calibration: Path | None = None  # the calibrated recipe's text (None: the one shipped in export/data)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -61,6 +65,8 @@ class ExportPlan:
         """The plan as the export report records it."""
         return {"format": self.target, "dtype": self.precision.name, "recipe": self.recipe,
                 "lowering": self.lowering, "context": self.context,
+                "calibration": (str(self.calibration) if self.calibration else "export/data/calibration.txt")
+                if self.recipe == "calibrated" else None,
                 "device_profile": self.profile.name if self.profile else None,
                 "gate": "on" if self.gate.enabled else "skipped (--no-verify)", "overrides": list(self.overrides)}
 
@@ -91,6 +97,7 @@ def target_profile(target: str, device: str | devices.DeviceProfile | None) -> d
 def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
               device: str | devices.DeviceProfile | None = None,
               context: int | None = None, lowering: str | None = None, requantize: bool = False,
+              quantizer: str | None = None, calibration: str | Path | None = None,
               verify: bool = True, out: str | Path | None = None, overwrite: bool = False,
               tolerance: Tolerance | None = None, gate_batch: int = 1) -> ExportPlan:
     if target not in precisions.TARGETS:
@@ -121,11 +128,23 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
         low = None
     if requantize and not prec.quantized:
         raise Qwen2Error(f"--requantize applies to quantized precisions, not {prec.name}")
-    recipe = None if not prec.quantized else "requantize" if requantize or target != "onnx" else "gguf-exact"
+    if requantize and quantizer not in (None, "rtn"):
+        raise Qwen2Error(f"--requantize is --quantizer rtn; it contradicts --quantizer {quantizer}")
+    quantizer = "rtn" if requantize else quantizer
+    if quantizer is not None:
+        if quantizer not in QUANTIZERS:
+            raise Qwen2Error(f"--quantizer {quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+        if target != "onnx" or not prec.quantized:
+            raise Qwen2Error(f"--quantizer applies to quantized ONNX precisions, not {RUNTIME_NAME[target]} "
+                             f"{prec.name}")
+    recipe = None if not prec.quantized else "requantize" if target != "onnx" \
+        else QUANTIZERS[quantizer or "calibrated"]
+    if calibration is not None and recipe != "calibrated":
+        raise Qwen2Error("--calibration applies to the calibrated quantizer (ONNX int4, --quantizer calibrated)")
     if out is None:
         label = ckpt.size or (str(ckpt.path).strip("<>").removeprefix("random ") if ckpt.kind == "random"
                               else ckpt.path.stem)
         out = Path("exports") / (f"qwen2-{label}-{prec.name}" if target == "onnx" else
                                  f"qwen2-{label}-coreml-{prec.name}")
     return ExportPlan(target, prec, recipe, low, int(ctx), prof, GateSettings(verify, tolerance, gate_batch),
-                      Path(out), overwrite, tuple(notes))
+                      Path(out), overwrite, tuple(notes), Path(calibration) if calibration is not None else None)

@@ -43,6 +43,9 @@ class Quantized:
         return _apply_blocks(self.codes.astype(np.float32), self.spec.block,
                              lambda c, s, z: (c - z) * s, self.scales, self.zero_points.astype(np.float32))
 
+    def rows(self, start: int, stop: int) -> "Quantized":
+        return Quantized(self.codes[start:stop], self.scales[start:stop], self.zero_points[start:stop], self.spec)
+
     def pack(self) -> dict[str, np.ndarray]:
         """The three MatMulNBits initializers: B (N, nb, blob), scales (N*nb,), zero_points (packed / float)."""
         spec = self.spec
@@ -125,6 +128,111 @@ def _rtn_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, t
     torch.div(x, best_s[..., None], out=q)
     q.add_(best_z[..., None]).round_().clamp_(0, qmax)
     return q.to(torch.uint8), best_s, best_z.to(torch.uint8)
+
+
+# ---- calibrated: weighted by what the layer's inputs look like -------------------------------------------------
+def _fit_blocks(x: torch.Tensor, qmax: int, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of `x` (rows, nb, b): the (scale, zero point) of the clipping in _SHRINK with the least error,
+    squared error weighted per column by `h` (nb, b) (the input's mean square: an error on a column the layer
+    sees large inputs on costs more). h None: unweighted."""
+    lo = x.amin(-1).clamp(max=0.0)
+    hi = x.amax(-1).clamp(min=0.0)
+    best_err = best_s = best_z = None
+    for f in _SHRINK:
+        s = ((hi - lo) * (f / qmax)).clamp_(min=1e-12)
+        z = torch.round(-lo * f / s).clamp_(0, qmax)
+        q = (torch.round(x / s[..., None] + z[..., None]).clamp_(0, qmax) - z[..., None]) * s[..., None] - x
+        q.square_()
+        err = (q * h).sum(-1) if h is not None else q.sum(-1)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def quantize_weighted(w: torch.Tensor, spec: QuantSpec, h_diag: torch.Tensor) -> Quantized:
+    """Round-to-nearest whose per-block clipping minimizes the output error Σ_k E[x_k²]·Δw_k² instead of the
+    weight error: `h_diag` (K,) is the calibration inputs' mean square per input column."""
+    w = w.detach().to(torch.float32)
+    n, k = w.shape
+    b, qmax = spec.block, (1 << spec.bits) - 1
+    nb = -(-k // b)
+    h = torch.nn.functional.pad(h_diag.to(torch.float32), (0, nb * b - k)).reshape(nb, b)
+    blocks = torch.nn.functional.pad(w, (0, nb * b - k)).reshape(n, nb, b)
+    codes = torch.empty(n, nb, b, dtype=torch.uint8)
+    scales, zeros = torch.empty(n, nb), torch.empty(n, nb, dtype=torch.uint8)
+    rows = max(1, (1 << 18) // (nb * b))
+    for r in range(0, n, rows):
+        x = blocks[r:r + rows]
+        s, z = _fit_blocks(x, qmax, h)
+        codes[r:r + rows] = torch.round(x / s[..., None] + z[..., None]).clamp_(0, qmax).to(torch.uint8)
+        scales[r:r + rows], zeros[r:r + rows] = s, z.to(torch.uint8)
+    return Quantized(codes.reshape(n, nb * b)[:, :k].numpy(), scales.numpy(), zeros.numpy(), spec)
+
+
+GPTQ_DAMP = 0.01  # fraction of the mean diagonal added to the Hessian (GPTQ's default)
+GPTQ_PANEL = 128  # columns updated together (a multiple of every block size used here)
+
+
+def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor) -> Quantized:
+    """GPTQ (Frantar et al. 2022): columns quantized left to right, each one's rounding error pushed onto the
+    columns not yet quantized through the inverse of H = E[x xᵀ] (`hessian`, (K, K), from calibration inputs),
+    so that the layer's output error — not the weight error — is what the rounding minimizes. Each block's scale
+    and zero point are fitted (clipping search weighted by diag H) when the sweep reaches the block, on the
+    weights as the earlier columns' errors have updated them."""
+    w = w.detach().to(torch.float32).clone()
+    n, k = w.shape
+    b, qmax = spec.block, (1 << spec.bits) - 1
+    if k % b or GPTQ_PANEL % b:
+        raise ValueError(f"GPTQ needs whole blocks: K={k}, block {b}")
+    H = hessian.to(torch.float32).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hdiag = torch.diagonal(H).clone()
+    damp = GPTQ_DAMP * float(hdiag.mean())
+    H.diagonal().add_(damp)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True)  # upper Cholesky factor of H⁻¹: row i = the update of column i
+    del H, L, Hinv
+    nb = k // b
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales, zeros = torch.empty(n, nb), torch.empty(n, nb)
+    for p0 in range(0, k, GPTQ_PANEL):
+        p1 = min(k, p0 + GPTQ_PANEL)
+        W1 = w[:, p0:p1].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[p0:p1, p0:p1]
+        for i in range(p1 - p0):
+            col = p0 + i
+            if col % b == 0:
+                blk = col // b
+                s, z = _fit_blocks(W1[:, i:i + b].unsqueeze(1), qmax, hdiag[col:col + b].unsqueeze(0))
+                scales[:, blk], zeros[:, blk] = s[:, 0], z[:, 0]
+                s_col, z_col = s[:, 0], z[:, 0]
+            q = torch.round(W1[:, i] / s_col + z_col).clamp_(0, qmax)
+            codes[:, col] = q.to(torch.uint8)
+            err = (W1[:, i] - (q - z_col) * s_col) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        w[:, p1:] -= E1 @ U[p0:p1, p1:]
+    return Quantized(codes.numpy(), scales.numpy(), zeros.to(torch.uint8).numpy(), spec)
+
+
+def output_error(w: torch.Tensor, q: Quantized, hessian_or_diag: torch.Tensor) -> float:
+    """Relative output error of quantized weights on the calibration inputs: E‖ΔW x‖² / E‖W x‖², from H = E[x xᵀ]
+    (or its diagonal alone, which ignores correlations between input columns)."""
+    w = w.detach().to(torch.float32)
+    dw = torch.from_numpy(q.dequantize()) - w
+    h = hessian_or_diag.to(torch.float32)
+    if h.dim() == 1:
+        return float((dw.square() @ h).sum() / (w.square() @ h).sum().clamp(min=1e-30))
+    return float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
 
 
 # ---- carried over from GGUF blocks -----------------------------------------------------------------------------

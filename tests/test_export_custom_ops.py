@@ -78,7 +78,7 @@ def test_moe_lower_precisions(export, dtype, lowering):
         floats = [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
                   and not i.name.startswith("rope_") and not i.name.endswith(".scales")]
         assert floats and all(n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) for n in floats), floats
-        d = onnx_parity(out, dequantized_reference(ckpt, report), prompts, 4, TINY_INT4_DEQUANTIZED)
+        d = onnx_parity(out, dequantized_reference(ckpt, report, out), prompts, 4, TINY_INT4_DEQUANTIZED)
         assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
         assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d
 

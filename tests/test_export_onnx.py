@@ -52,7 +52,7 @@ def test_export_matches_reference(tiny_export, name, dtype):
     if dtype == "fp32":
         assert p.greedy_agreement == 1.0
     if dtype == "int4":
-        d = onnx_parity(out, dequantized_reference(ckpt, report), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+        d = onnx_parity(out, dequantized_reference(ckpt, report, out), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
         assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
         assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d
 
@@ -271,7 +271,7 @@ def test_fused_lowering_matches_reference(tiny_export, name, dtype):
     p = onnx_parity(out, reference_model(ckpt), batch, 4, TINY[dtype])
     assert p.max_abs_logits <= TINY[dtype].max_abs_logits and p.top1_agreement >= TINY[dtype].min_top1_agreement, p
     if dtype == "int4":
-        d = onnx_parity(out, dequantized_reference(ckpt, report), batch, 4, TINY_INT4_DEQUANTIZED)
+        d = onnx_parity(out, dequantized_reference(ckpt, report, out), batch, 4, TINY_INT4_DEQUANTIZED)
         assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
 
 

@@ -19,19 +19,20 @@ from qwen2_ref.checkpoint import Checkpoint, empty_model
 from qwen2_ref.progress import console, status
 from qwen2_ref.weights import expected_tensors, load_into
 
+from ..calibrate import calibrate_checkpoint
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
 from ..plan import ExportPlan, make_plan
 from ..precision import quantizable
-from ..quant import GGUF_EXACT, QuantSpec
+from ..quant import QuantSpec
 from ..sizing import weight_bytes
-from .fuse import fold_matmulnbits_bias, fuse_rms_norm, fuse_skip_rms_norm, share_attention_inputs
+from .fuse import fold_matmulnbits_bias, fuse_rms_norm, fuse_skip_rms_norm, pack_qkv, share_attention_inputs
 from .fused import fuse_moe
 from .graph import OPSET, add_logits_to_keep, trace
 from .irutil import ops_histogram
 from .linears import ACCURACY_LEVEL, lower_linears
 from .metadata import write_metadata
-from .verify import backend, onnx_step, session
+from .verify import backend, onnx_step, read_dequantized, session
 from .weights import WeightStreamer
 
 # A reference bigger than this (fp32 bytes) is not materialized for the gate; a 2-layer truncation is checked.
@@ -71,7 +72,9 @@ def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int
     status(f"tracing {cfg.model_type} ({cfg.num_hidden_layers} layers, {prec.name}, {plan.lowering} lowering) ...")
     model = trace(cfg, prec.compute, fused_attention=fused)
     base = base_spec(plan)
-    streamer = WeightStreamer(ckpt.source, cfg, base, requantize=plan.recipe == "requantize")
+    calibrated, calibration = _calibrated(ckpt, plan, model, num_layers)
+    streamer = WeightStreamer(ckpt.source, cfg, base, requantize=plan.recipe == "requantize",
+                              calibrated=calibrated)
     quant = None
     if base is not None:
         quant = {n: streamer.quant_spec(n) for n, v in model.graph.initializers.items() if quantizable(n, v.shape)}
@@ -87,6 +90,8 @@ def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int
     if base is not None:
         folded = fold_matmulnbits_bias(model)
         fusions = (fusions or {}) | {"MatMulNBits bias": folded}
+    if fused:
+        fusions["packed QKV"] = pack_qkv(model, uses)
     streamer.attach(uses)
     t_trace = time.perf_counter() - t0
     model.producer_name, model.producer_version = "qwen2-export", "0.1.0"
@@ -106,10 +111,39 @@ def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int
     t_write = time.perf_counter() - t1
     write_metadata(folder, cfg, prec, plan.context)
     quantized = {u.source: {"bits": u.spec.bits, "block": u.spec.block, "from": u.spec.source}
-                 for u in uses.values() if u.spec is not None}
+                 | ({"output_error": round(calibrated[u.source].error, 6)} if u.source in calibrated else {})
+                 for use in uses.values() for u in (use.parts or (use,)) if u.spec is not None}
     return {"ops": ops_histogram(model), "trace_s": round(t_trace, 2), "write_s": round(t_write, 2),
             "initializers": n_init, "quantized": quantized, "layers": cfg.num_hidden_layers,
-            "lowering": plan.lowering, "fusions": fusions}
+            "lowering": plan.lowering, "fusions": fusions, "calibration": calibration}
+
+
+def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers: int | None
+                ) -> tuple[dict, dict | None]:
+    """The calibrated recipe's GPTQ results for the traced graph's linear weights ({} for other recipes).
+    GPTQ runs on the fp32 reference, so it needs the whole reference in memory: bigger models are quantized
+    without it (said in the report)."""
+    if plan.recipe != "calibrated":
+        return {}, None
+    cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
+    if cfg.num_parameters() * 4 > FULL_REFERENCE_MAX_BYTES:
+        status(f"note: calibration needs the fp32 reference in memory ({cfg.num_parameters() * 4 / 2**30:.0f} GiB);"
+               " this size is quantized without it (a GGUF's exact blocks, else round-to-nearest)")
+        return {}, {"method": "none: the fp32 reference is too large to calibrate on (GGUF blocks kept exactly "
+                              "where possible, else round-to-nearest)"}
+    names = {n for n, v in model.graph.initializers.items() if quantizable(n, v.shape) and "embed_tokens" not in n}
+    source = ckpt if num_layers is None else _TruncatedCheckpoint(ckpt, cfg)
+    return calibrate_checkpoint(source, names, plan.calibration)
+
+
+class _TruncatedCheckpoint:
+    """A checkpoint seen through a truncated config (the gate's first N layers)."""
+
+    def __init__(self, ckpt: Checkpoint, cfg):
+        self.config, self.source, self._ckpt = cfg, _Truncated(ckpt.source, cfg), ckpt
+
+    def tokenizer(self):
+        return self._ckpt.tokenizer()
 
 
 def _expert_quant(cfg, base: QuantSpec | None) -> QuantSpec | None:
@@ -182,11 +216,12 @@ def reference_model(ckpt: Checkpoint, num_layers: int | None = None):
     return model.eval()
 
 
-def dequantized_reference(ckpt: Checkpoint, report: dict, num_layers: int | None = None):
-    """The reference with every weight an int4 export quantized replaced by its dequantized value: what the
-    export computes, up to activation rounding."""
+def dequantized_reference(ckpt: Checkpoint, report: dict, folder: Path, num_layers: int | None = None):
+    """The reference with every weight an int4 export quantized replaced by its dequantized value as read back
+    from the export in `folder`: what the export computes, up to activation rounding."""
     model = reference_model(ckpt, num_layers)
     streamer = WeightStreamer(ckpt.source, model.config)
+    written = read_dequantized(folder, report, model.config)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, q in report["quantized"].items():
@@ -199,10 +234,8 @@ def dequantized_reference(ckpt: Checkpoint, report: dict, num_layers: int | None
                     params[base + "gate_proj"].copy_(deq[:, 0::2])
                     params[base + "up_proj"].copy_(deq[:, 1::2])
                 continue
-            if name not in params:
-                continue
-            spec = GGUF_EXACT[q["from"]][2] if q["from"] in GGUF_EXACT else QuantSpec(q["bits"], q["block"])
-            params[name].copy_(torch.from_numpy(streamer.dequantized(name, spec)))
+            if name in params:
+                params[name].copy_(torch.from_numpy(written[name][:, :params[name].shape[1]]))
     return model
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .irutil import MS_DOMAIN, const_array, drop_dead, node, produced_by, replace
+from .irutil import MS_DOMAIN, const_array, drop_dead, initializer, node, produced_by, replace
+from .linears import WeightKind, WeightUse
 
 
 def fuse_rms_norm(model: ir.Model) -> int:
@@ -130,3 +131,127 @@ def share_attention_inputs(model: ir.Model) -> int:
     if count:
         drop_dead(g)
     return count
+
+
+def pack_qkv(model: ir.Model, uses: dict) -> int:
+    """GroupQueryAttention(q_proj(x), k_proj(x), v_proj(x)) => GroupQueryAttention(qkv_proj(x), -, -): one weight
+    matmul per layer instead of three, feeding GQA's packed-QKV input (B, S, (heads + 2·kv)·head_dim). The three
+    weights (and biases) are stored side by side along the output dimension; they must share their format
+    (MatMulNBits bits and block; float MatMul). Returns how many layers were packed."""
+    g = model.graph
+    count = 0
+    for gqa in [n for n in g if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]:
+        projs = [_projection(v) for v in gqa.inputs[:3]]
+        if any(p is None for p in projs):
+            continue
+        mms, biases = zip(*projs)
+        x = mms[0].inputs[0]
+        if any(m.inputs[0] is not x for m in mms) or len({_format(m) for m in mms}) != 1:
+            continue
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            continue
+        weights = [m.inputs[1] for m in mms]
+        parts = [uses.get(w.name.removesuffix(f".q{m.attributes['bits'].as_int()}") if m.op_type == "MatMulNBits"
+                          else w.name) for w, m in zip(weights, mms)]
+        if any(u is None or u.kind not in (WeightKind.QUANTIZED, WeightKind.TRANSPOSED) for u in parts) \
+                or len({u.keys for u in parts}) != 1:
+            continue
+        base = weights[0].name.split(".q_proj")[0] + ".qkv_proj"
+        outs = []
+        for i, v in enumerate(parts[0].outputs):
+            shapes = [list(u.outputs[i].shape) for u in parts]
+            axis = 1 if parts[0].kind is WeightKind.TRANSPOSED else 0  # (K, N) for MatMul; N first otherwise
+            shape = list(shapes[0])
+            shape[axis] = sum(sh[axis] for sh in shapes)
+            suffix = v.name.removeprefix(parts[0].source)
+            outs.append(initializer(base + ".weight" + suffix, v.dtype, shape))
+        for v in outs:
+            g.register_initializer(v)
+        use = WeightUse(base + ".weight", WeightKind.PACKED, outs, parts[0].spec, parts[0].keys, tuple(parts))
+        n_out = sum(int(u.outputs[0].shape[0 if u.kind is WeightKind.QUANTIZED else 1]) for u in parts)
+        ins = [x, *outs]
+        bias = None
+        if biases[0] is not None:
+            bias = initializer(base + ".bias", biases[0].dtype, [n_out])
+            g.register_initializer(bias)
+            uses[bias.name] = WeightUse(bias.name, WeightKind.PACKED, [bias],
+                                        parts=tuple(uses[b.name] for b in biases))
+        if mms[0].op_type == "MatMulNBits":
+            attrs = {k: a.value for k, a in mms[0].attributes.items()} | {"N": n_out}
+            packed = node(MS_DOMAIN, "MatMulNBits", ins + ([None, bias] if bias is not None else []), attrs,
+                          name=f"{base}/MatMulNBits")
+            g.insert_before(gqa, packed)
+            qkv = packed.outputs[0]
+        else:
+            mm = node("", "MatMul", ins, name=f"{base}/MatMul")
+            g.insert_before(gqa, mm)
+            qkv = mm.outputs[0]
+            if bias is not None:
+                add = node("", "Add", [qkv, bias], name=f"{base}/bias")
+                g.insert_before(gqa, add)
+                qkv = add.outputs[0]
+        qkv.name = f"{base}/output"
+        for u, i in list(gqa.inputs[0].uses()):
+            if _reads_batch_or_time(u, i):  # the shared attention inputs read (B, T) and the dtype off q
+                u.replace_input_with(i, qkv)
+        gqa.replace_input_with(0, qkv)
+        gqa.replace_input_with(1, None)
+        gqa.replace_input_with(2, None)
+        uses[use.source] = use
+        count += 1
+    if count:
+        drop_dead(g)
+        for name, v in list(g.initializers.items()):
+            if not v.uses() and not v.is_graph_output():
+                g.initializers.pop(name)
+                uses.pop(name, None)
+        live = set(g.initializers)
+        for name in [n for n, u in uses.items() if not all(o.name in live for o in u.outputs)]:
+            uses.pop(name)
+    return count
+
+
+def _projection(v: ir.Value | None):
+    """(the MatMul / MatMulNBits node, its bias initializer or None) that produces v, or None."""
+    if v is None or sum(not _reads_batch_or_time(u, i) for u, i in v.uses()) != 1:
+        return None
+    p = v.producer()
+    if p is None:
+        return None
+    if p.op_type == "MatMulNBits" and p.domain == MS_DOMAIN:
+        if len(p.inputs) > 4 and any(i is not None for i in p.inputs[4:5]):
+            return None  # group indices: not ours
+        return p, (p.inputs[5] if len(p.inputs) > 5 else None)
+    bias = None
+    if p.op_type == "Add" and p.domain == "":
+        b = next((i for i in p.inputs if i is not None and i.is_initializer()), None)
+        other = next((i for i in p.inputs if i is not b), None)
+        if b is None or other is None or len(other.uses()) != 1:
+            return None
+        bias, p = b, other.producer()
+    if p is not None and p.op_type == "MatMul" and p.domain == "" and p.inputs[1].is_initializer() \
+            and len(p.inputs[1].uses()) == 1:
+        return p, bias
+    return None
+
+
+def _reads_batch_or_time(n: ir.Node, index: int) -> bool:
+    """A node that reads only what q and packed q/k/v share: dims 0-1 ((B, T), a Shape) or the dtype (CastLike's
+    target)."""
+    if n.domain != "":
+        return False
+    if n.op_type == "CastLike":
+        return index == 1
+    if n.op_type != "Shape":
+        return False
+    start, end = n.attributes.get("start"), n.attributes.get("end")
+    return start is not None and end is not None and 0 <= start.as_int() and 0 < end.as_int() <= 2
+
+
+def _format(mm: ir.Node) -> tuple:
+    """What must match for two projections to share one packed weight."""
+    if mm.op_type == "MatMul":
+        return ("MatMul", mm.inputs[1].dtype, len(mm.inputs) - sum(i is None for i in mm.inputs))
+    a = {k: a.value for k, a in mm.attributes.items() if k != "N"}
+    return ("MatMulNBits", tuple(sorted(a.items())), sum(i is not None for i in mm.inputs[:4]),
+            tuple(i.dtype for i in mm.inputs[1:4] if i is not None))

@@ -28,6 +28,7 @@ class WeightKind(Enum):
     QUANTIZED_AND_PLAIN = "quantized+plain"  # a tied table: float for the gather, blocks for the head
     INTERLEAVED = "interleaved"  # ORT MoE fc1: each expert's gate and up rows interleaved (E, 2I, H)
     QUANTIZED_EXPERTS = "quantized_experts"  # QMoE: stacked experts quantized expert by expert
+    PACKED = "packed"  # several weights side by side along the output dimension (Q/K/V): `parts` in order
 
 
 @dataclass
@@ -39,6 +40,7 @@ class WeightUse:
     outputs: list[ir.Value] = field(default_factory=list)
     spec: QuantSpec | None = None
     keys: tuple[str, ...] = ("B", "scales", "zero_points")  # which packed arrays `outputs` hold, in order
+    parts: tuple["WeightUse", ...] = ()  # PACKED: the uses whose tensors are concatenated along N, in order
 
 
 def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_level: int = 4

@@ -60,3 +60,53 @@ def backend(sess) -> str:
     import onnxruntime as ort
 
     return f"onnxruntime {ort.__version__} {', '.join(sess.get_providers())}"
+
+
+def read_dequantized(folder: Path, report: dict, cfg) -> dict[str, np.ndarray]:
+    """The values an export's MatMulNBits weights stand for, read back from its files: {parameter name: (N, K)}.
+    Packed Q/K/V rows are split back into q, k and v. (QMoE experts are not read here.)"""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(Path(folder) / "model.onnx"))
+    inits = {t.name: t for t in m.graph.initializer}
+    q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    rows = {"q_proj": (0, q_rows), "k_proj": (q_rows, q_rows + kv_rows), "v_proj": (q_rows + kv_rows, None)}
+    out = {}
+    for name, q in report["quantized"].items():
+        base, lo, hi = name, 0, None
+        if f"{name}.q{q['bits']}" not in inits:
+            proj = next((p for p in rows if f".{p}." in name), None)
+            if proj is None:
+                continue
+            base, (lo, hi) = name.replace(proj, "qkv_proj"), rows[proj]
+        arr = {k: numpy_helper.to_array(inits[f"{base}.{k}"]) for k in (f"q{q['bits']}", "scales", "zero_points",
+                                                                         "offsets") if f"{base}.{k}" in inits}
+        out[name] = _dequantize_nbits(arr, q["bits"], q["block"])[lo:hi]
+    return out
+
+
+def _dequantize_nbits(arr: dict[str, np.ndarray], bits: int, block: int) -> np.ndarray:
+    """MatMulNBits' (B, scales, zero_points | offsets) -> float weights (N, K·blocks)."""
+    b = arr[f"q{bits}"]
+    n = b.shape[0]
+    nb = arr["scales"].size // n
+    b = b.reshape(n, nb, -1)  # a GatherBlockQuantized table stores (N, nb·blob)
+    if bits == 4:
+        codes = np.stack([b & 0xF, b >> 4], axis=-1).reshape(n, nb, block)  # low nibble first
+    else:
+        codes = b.reshape(n, nb, block)
+    scales = arr["scales"].reshape(n, nb)
+    half = float(1 << (bits - 1))  # the zero point when none is stored
+    if "offsets" in arr:  # symmetric blocks + per-block offsets (float zero points)
+        w = (codes - half) * scales[..., None] + arr["offsets"].T[..., None]
+    else:
+        zp = arr.get("zero_points")
+        if zp is None:
+            z = np.full((n, nb), half, dtype=np.float32)
+        elif bits == 4:
+            z = np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
+        else:
+            z = zp.reshape(n, nb).astype(np.float32)
+        w = (codes - z[..., None]) * scales[..., None]
+    return w.reshape(n, nb * block).astype(np.float32)

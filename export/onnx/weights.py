@@ -49,11 +49,13 @@ class WeightStreamer:
     """Reads reference parameters (by model parameter name) from a checkpoint's weight source."""
 
     def __init__(self, source: WeightSource, cfg: ModelArgs, base: QuantSpec | None = None,
-                 requantize: bool = False):
+                 requantize: bool = False, calibrated: dict | None = None):
         """`base`: the precision's block format for weights re-quantized from floats; `requantize`: never carry a
-        GGUF's own blocks over."""
+        GGUF's own blocks over; `calibrated`: {param: Calibrated} weights already quantized against calibration
+        inputs (export/calibrate.py), used instead of either."""
         self.source, self.cfg, self.requantize = source, cfg, requantize
         self.base = base or QuantSpec(bits=4, block=32)
+        self.calibrated = calibrated or {}
 
     # -- reading ------------------------------------------------------------------------------------------------
     def checkpoint_names(self, param: str) -> list[str]:
@@ -81,6 +83,8 @@ class WeightStreamer:
 
     def quant_spec(self, param: str) -> QuantSpec:
         """How a linear weight is quantized: a GGUF tensor keeps its grid where MatMulNBits can carry it exactly."""
+        if param in self.calibrated:
+            return self.calibrated[param].quantized.spec
         raw = getattr(self.source, "raw", None)
         if raw is not None and not self.requantize:
             gtype = self.source.tensor_type(param)
@@ -89,6 +93,9 @@ class WeightStreamer:
         return self.base
 
     def _quantized_blocks(self, param: str, spec: QuantSpec):
+        if spec.source == "gptq":
+            yield self.calibrated[param].quantized
+            return
         n = self.n_rows(param)
         for r in range(0, n, ROW_BLOCK):
             e = min(n, r + ROW_BLOCK)
@@ -127,6 +134,8 @@ class WeightStreamer:
                 if use.kind is WeightKind.QUANTIZED_AND_PLAIN:
                     self._attach_float(outs.pop(0), use.source)
                 self._attach_quantized(outs, use.source, use.spec, use.keys)
+            elif use.kind is WeightKind.PACKED:
+                self._attach_packed(use)
             else:  # PLAIN, INTERLEAVED (rows() interleaves gate and up)
                 self._attach_float(use.outputs[0], use.source)
 
@@ -185,4 +194,30 @@ class WeightStreamer:
             return blocks
 
         for key, v in zip(keys, outs):
+            v.const_value = StreamedTensor(make(key, v), v.dtype, tuple(v.shape.numpy()), v.name)
+
+    def _attach_packed(self, use: WeightUse) -> None:
+        """Several weights side by side along N (packed Q/K/V): each output is its parts' tensors concatenated —
+        rows for MatMulNBits blocks and biases, columns for a transposed (K, N) MatMul weight."""
+        kind = use.parts[0].kind
+        cache: dict[str, np.ndarray] = {}
+
+        def part_arrays(part: WeightUse) -> dict[str, np.ndarray]:
+            if kind is WeightKind.QUANTIZED:
+                return {k: v for k, v in self.quantize(part.source, part.spec).items() if k in use.keys}
+            w = self.rows(part.source, 0, self.n_rows(part.source))
+            return {"": (w.T.contiguous() if kind is WeightKind.TRANSPOSED else w).numpy()}
+
+        keys = use.keys if kind is WeightKind.QUANTIZED else ("",)
+        axis = 1 if kind is WeightKind.TRANSPOSED else 0
+
+        def make(key: str, value: ir.Value):
+            def blocks() -> Iterator[np.ndarray]:
+                if not cache:
+                    arrays = [part_arrays(p) for p in use.parts]
+                    cache.update({k: np.concatenate([a[k] for a in arrays], axis=axis) for k in keys})
+                yield cache.pop(key).astype(NUMPY[value.dtype]).reshape(tuple(value.shape.numpy()))
+            return blocks
+
+        for key, v in zip(keys, use.outputs):
             v.const_value = StreamedTensor(make(key, v), v.dtype, tuple(v.shape.numpy()), v.name)

@@ -1,0 +1,167 @@
+"""Calibration for 4-bit weights: run the fp32 reference over a calibration text and quantize each linear layer
+against the inputs it actually sees (GPTQ), instead of against the weights alone.
+
+The default calibration text ships in the package (`export/data/calibration.txt`: CPython 3.11's `textwrap.py`
+and `fractions.py`, PSF license). It never overlaps the text the README's and the tests' perplexity figures are
+measured on (CPython's `heapq.py`, `export/evaluate.py`): quality is always reported on text the quantizer did
+not see. `--calibration FILE` replaces it.
+
+One forward pass: every linear's input statistics H = E[x xᵀ] are taken by a forward hook and the weight is
+quantized right there (then H is dropped), so no more than one layer's H is held at a time. The LM head's inputs
+are the final norm's outputs (the forward computes the last position's logits only).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qwen2_ref.errors import Qwen2Error
+from qwen2_ref.progress import console, status
+
+from .quant import Quantized, QuantSpec, output_error, quantize_gptq
+
+DEFAULT_TEXT = Path(__file__).with_name("data") / "calibration.txt"
+CALIBRATION_TOKENS = 1024  # tokens the quantizer sees (in sequences of SEQUENCE)
+SEQUENCE = 512
+MIN_TOKENS = 256  # fewer is refused: H of a 4864-wide layer from a handful of tokens is mostly noise
+
+
+class CalibrationError(Qwen2Error):
+    pass
+
+
+def calibration_ids(tokenizer, path: str | Path | None = None, tokens: int = CALIBRATION_TOKENS) -> list[int]:
+    """The first `tokens` token ids of the calibration text; one-line errors for a missing, empty or short file."""
+    path = Path(path) if path is not None else DEFAULT_TEXT
+    if not path.is_file():
+        raise CalibrationError(f"--calibration {path}: no such file (expected a UTF-8 text file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CalibrationError(f"--calibration {path}: cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+    if not text.strip():
+        raise CalibrationError(f"--calibration {path}: the file is empty (expected at least {MIN_TOKENS} tokens of text)")
+    if tokenizer is None:
+        raise CalibrationError("calibrated quantization needs the checkpoint's tokenizer, and this one has none; "
+                               "pass --quantizer rtn")
+    ids = tokenizer.encode(text)
+    if len(ids) < MIN_TOKENS:
+        raise CalibrationError(f"--calibration {path}: {len(ids)} tokens, too short (at least {MIN_TOKENS} needed)")
+    return ids[:tokens]
+
+
+@dataclass
+class Calibrated:
+    """A weight quantized against its inputs, and how much output error it leaves."""
+    quantized: Quantized
+    error: float  # E‖ΔW x‖² / E‖W x‖² on the calibration inputs
+
+
+# quantize([(param name, weight (N, K)), ...] sharing one input, H (K, K)) -> {param name: result}
+GroupQuantizer = Callable[[list[tuple[str, torch.Tensor]], torch.Tensor], dict]
+
+
+@torch.no_grad()
+def calibrate(model, ids: list[int], quantize: "GroupQuantizer", names: set[str]) -> dict[str, object]:
+    """Run `model` (the fp32 reference) over `ids` in sequences of SEQUENCE tokens, batched into one forward.
+    Linear weights in `names` that read the same input (q/k/v; gate/up) form a group; `quantize([(name,
+    weight), ...], H)` is called once per group with H = E[x xᵀ] (K, K) of that input and returns {name: result}.
+    Returns all results."""
+    results: dict[str, object] = {}
+    seqs = [ids[s:s + SEQUENCE] for s in range(0, len(ids) - SEQUENCE + 1, SEQUENCE)] or [ids]
+    x = torch.tensor(seqs)  # (B, T)
+    modules = dict(model.named_modules())
+    head = "lm_head.weight"
+    total = sum(1 for n in names if n.removesuffix(".weight") in modules)
+    pending: list = []  # [input tensor, [(name, weight), ...]]: the group whose input was seen last
+    hooks, done, t0 = [], [0], time.perf_counter()
+
+    def flush() -> None:
+        if not pending:
+            return
+        inputs, members = pending
+        pending.clear()
+        xs = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+        h = xs.T @ xs / xs.shape[0]
+        results.update(quantize(members, h))
+        done[0] += len(members)
+        el = time.perf_counter() - t0
+        if console.is_terminal:
+            console.print(f"  calibrated {done[0]}/{total} weights ({el:.0f} s, ETA "
+                          f"{el / done[0] * (total - done[0]):.0f} s)", end="\r")
+
+    def seen(pname: str, w: torch.Tensor, inputs: torch.Tensor) -> None:
+        if pending and pending[0] is not inputs:
+            flush()
+        if not pending:
+            pending.extend([inputs, []])
+        pending[1].append((pname, w))
+
+    for mname, mod in modules.items():
+        pname = f"{mname}.weight"
+        if pname in names and isinstance(mod, torch.nn.Linear) and pname != head:
+            hooks.append(mod.register_forward_hook(lambda m, a, o, p=pname: seen(p, m.weight, a[0])))
+    if head in names:  # the head sees the final norm's output; the forward keeps one position's logits only
+        hooks.append(model.model.norm.register_forward_hook(lambda m, a, o: seen(head, model.lm_head.weight, o)))
+    status(f"calibrating {total} weights on {x.numel()} tokens ({x.shape[0]} x {x.shape[1]}) ...")
+    try:
+        model(x, logits_to_keep=1)
+        flush()
+    finally:
+        for h in hooks:
+            h.remove()
+    return results
+
+
+def gptq_group(spec: QuantSpec) -> "GroupQuantizer":
+    """GPTQ over a group's weights stacked along the output dimension (rows are independent, so one sweep serves
+    q, k and v at the cost of one), split back per weight."""
+    def run(members: list[tuple[str, torch.Tensor]], h: torch.Tensor) -> dict[str, Calibrated]:
+        q = quantize_gptq(torch.cat([w for _, w in members]), spec, h)
+        out, r = {}, 0
+        for name, w in members:
+            part = q.rows(r, r + w.shape[0])
+            out[name] = Calibrated(part, output_error(w, part, h))
+            r += w.shape[0]
+        return out
+    return run
+
+
+GPTQ4 = QuantSpec(bits=4, block=32, source="gptq")
+
+
+def calibrate_checkpoint(ckpt, names: set[str], text: str | Path | None = None, spec: QuantSpec = GPTQ4
+                         ) -> tuple[dict[str, Calibrated], dict]:
+    """GPTQ for every linear weight in `names`, against the fp32 reference's own inputs on the calibration text.
+    Returns the results and what the report says about the calibration. The reference is freed before return."""
+    from qwen2_ref.checkpoint import empty_model
+    from qwen2_ref.memory import release_freed_memory
+    from qwen2_ref.weights import load_into
+
+    tok = ckpt.tokenizer()
+    if tok is not None:
+        ids = calibration_ids(tok, text)
+        what = str(text) if text is not None else "export/data/calibration.txt"
+    else:  # a checkpoint without a tokenizer (random test models): seeded pseudo-random token ids
+        if text is not None:
+            raise CalibrationError(f"--calibration {text}: the checkpoint has no tokenizer to encode it with")
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, ckpt.config.vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
+        what = "pseudo-random token ids (the checkpoint has no tokenizer)"
+    t0 = time.perf_counter()
+    model = empty_model(ckpt.config, torch.float32)
+    load_into(model, ckpt.source, ckpt.config, progress=False)
+    model.eval()
+    try:
+        results = calibrate(model, ids, gptq_group(spec), names)
+    finally:
+        del model
+        release_freed_memory()
+    info = {"method": "gptq", "bits": spec.bits, "block": spec.block, "text": what, "tokens": len(ids),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    return results, info
