@@ -7,7 +7,8 @@ A benchmark: prints one table, asserts nothing.
 Held out: calibration uses export/data/calibration.txt (CPython's textwrap.py + fractions.py); perplexity is
 measured on the first 1000 tokens of CPython 3.11's heapq.py (export/evaluate.py), chosen before any tuning.
 Recipes: rtn = round-to-nearest with a per-block clipping search (the old --requantize); weighted = the same
-search weighting each column's error by its calibration inputs' mean square; gptq = GPTQ; the number is the block.
+search weighting each column's error by its calibration inputs' mean square; gptq = GPTQ, gptqa = GPTQ with act-order
+(static blocks); the number is the block.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def recipe_fn(recipe: str):
     method, block = recipe.rstrip("0123456789"), int(recipe[len(recipe.rstrip("0123456789")):])
     spec = quant.QuantSpec(4, block)
 
-    if method == "gptq":
-        return lambda members, h: {n: c.quantized for n, c in gptq_group(spec)(members, h).items()}
+    if method in ("gptq", "gptqa"):
+        run = gptq_group(spec, act_order=method == "gptqa")
+        return lambda members, h: {n: c.quantized for n, c in run(members, h).items()}
     one = {"rtn": lambda w, h: quant.quantize_rtn(w, spec),
            "weighted": lambda w, h: quant.quantize_weighted(w, spec, torch.diagonal(h))}[method]
     return lambda members, h: {n: one(w, h) for n, w in members}
@@ -44,15 +46,16 @@ def recipe_fn(recipe: str):
 @click.command()
 @click.option("--recipes", default="rtn32,weighted32,gptq32,rtn128,gptq128")
 @click.option("--tokens", default=1000, help="evaluation tokens (heapq.py)")
+@click.option("--calibration-tokens", default=1024, help="calibration tokens (export/data/calibration.txt)")
 @click.option("--skip", default="", help="comma-separated name fragments kept in fp32 (e.g. lm_head)")
 @click.option("--ablate", default="", help="after each recipe, also the perplexity with each of these ;-separated "
               "groups of name fragments kept in fp32 (e.g. 'lm_head;down_proj;q_proj,k_proj,v_proj')")
-def main(recipes, tokens, skip, ablate):
+def main(recipes, tokens, calibration_tokens, skip, ablate):
     torch.set_num_threads(2)
     ck = open_checkpoint(fetch_real_model())
     tok = ck.tokenizer()
     eval_ids = tok.encode(fixed_text())[:tokens]
-    cal_ids = calibration_ids(tok)
+    cal_ids = calibration_ids(tok, tokens=calibration_tokens)
     model = ck.load_model(progress=False)
     fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = {n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n

@@ -57,9 +57,9 @@ def cli() -> None:
               help="Context length recorded for runtimes.")
 @click.option("--random-weights", is_flag=True, help="Random weights: architecture-only work, no checkpoint.")
 @click.option("--quantizer", type=click.Choice(["calibrated", "exact", "rtn"]), default=None,
-              help="int4: calibrated (default) = GPTQ against the model's own activations on a calibration text, "
-                   "and from a GGUF its exact blocks where they matter most; exact = a GGUF's own blocks carried "
-                   "over (5/6/8-bit ones as 8-bit codes); rtn = plain round-to-nearest 4-bit.")
+              help="int4: exact (default) = a GGUF's own blocks carried over (5/6/8-bit ones as 8-bit codes; "
+                   "float checkpoints: as rtn); calibrated = GPTQ 4-bit against the model's own activations on a "
+                   "calibration text (needs the fp32 model in memory); rtn = plain round-to-nearest 4-bit.")
 @click.option("--calibration", type=click.Path(), default=None,
               help="Text file the calibrated quantizer runs the model on (default: the one shipped in "
                    "export/data; never the text you evaluate on).")

@@ -118,11 +118,11 @@ def calibrate(model, ids: list[int], quantize: "GroupQuantizer", names: set[str]
     return results
 
 
-def gptq_group(spec: QuantSpec) -> "GroupQuantizer":
+def gptq_group(spec: QuantSpec, act_order: bool = False) -> "GroupQuantizer":
     """GPTQ over a group's weights stacked along the output dimension (rows are independent, so one sweep serves
     q, k and v at the cost of one), split back per weight."""
     def run(members: list[tuple[str, torch.Tensor]], h: torch.Tensor) -> dict[str, Calibrated]:
-        q = quantize_gptq(torch.cat([w for _, w in members]), spec, h)
+        q = quantize_gptq(torch.cat([w for _, w in members]), spec, h, act_order)
         out, r = {}, 0
         for name, w in members:
             part = q.rows(r, r + w.shape[0])
@@ -165,3 +165,20 @@ def calibrate_checkpoint(ckpt, names: set[str], text: str | Path | None = None, 
     info = {"method": "gptq", "bits": spec.bits, "block": spec.block, "text": what, "tokens": len(ids),
             "seconds": round(time.perf_counter() - t0, 1)}
     return results, info
+
+
+# A GGUF tensor keeps its own blocks (exact; 8-bit codes for Q5_0/Q8_0/Q6_K) instead of GPTQ 4-bit when GPTQ
+# leaves more than this relative output error on the calibration inputs (E‖ΔW x‖² / E‖W x‖²). Chosen on a
+# validation text (CPython's statistics.py), not on the evaluation text: see README, "4-bit quality".
+EXACT_ABOVE_ERROR = float("inf")
+
+
+def keep_exact(results: dict[str, Calibrated], source, threshold: float | None = None) -> set[str]:
+    """The weights of a GGUF source that keep their exact blocks: those GPTQ quantizes worst (measured output
+    error above `threshold`), where the file's own grid can be carried over. Other sources: none."""
+    threshold = EXACT_ABOVE_ERROR if threshold is None else threshold
+    if getattr(source, "raw", None) is None:
+        return set()
+    from .quant import GGUF_EXACT
+
+    return {n for n, c in results.items() if c.error > threshold and source.tensor_type(n) in GGUF_EXACT}

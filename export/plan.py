@@ -21,7 +21,10 @@ from .tolerances import Tolerance
 
 LOWERINGS = ("fused", "function")
 # ONNX 4-bit quantizers (--quantizer) and the recipe each one puts in the plan
-QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "rtn": "requantize"}  # ONNX: ONNX Runtime's fused kernels, or standard ops + our domain's functions
+QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "rtn": "requantize"}
+# exact: a GGUF's own blocks (no re-quantization error), floats round-to-nearest. Not "calibrated" yet: on the
+# real 0.5B its GPTQ pass takes minutes and ~6 GiB (the fp32 reference in memory) and still costs ~+5% perplexity.
+DEFAULT_QUANTIZER = "exact"  # ONNX: ONNX Runtime's fused kernels, or standard ops + our domain's functions
 DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says
     "onnx": {"device": None, "dtype": "fp32", "lowering": "fused"},
     "coreml": {"device": "iphone-15-pro", "dtype": "int4", "context": 4096},
@@ -138,7 +141,7 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
             raise Qwen2Error(f"--quantizer applies to quantized ONNX precisions, not {RUNTIME_NAME[target]} "
                              f"{prec.name}")
     recipe = None if not prec.quantized else "requantize" if target != "onnx" \
-        else QUANTIZERS[quantizer or "calibrated"]
+        else QUANTIZERS[quantizer or DEFAULT_QUANTIZER]
     if calibration is not None and recipe != "calibrated":
         raise Qwen2Error("--calibration applies to the calibrated quantizer (ONNX int4, --quantizer calibrated)")
     if out is None:

@@ -178,12 +178,16 @@ GPTQ_DAMP = 0.01  # fraction of the mean diagonal added to the Hessian (GPTQ's d
 GPTQ_PANEL = 128  # columns updated together (a multiple of every block size used here)
 
 
-def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor) -> Quantized:
-    """GPTQ (Frantar et al. 2022): columns quantized left to right, each one's rounding error pushed onto the
+def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_order: bool = False) -> Quantized:
+    """GPTQ (Frantar et al. 2022): columns quantized one at a time, each one's rounding error pushed onto the
     columns not yet quantized through the inverse of H = E[x xᵀ] (`hessian`, (K, K), from calibration inputs),
-    so that the layer's output error — not the weight error — is what the rounding minimizes. Each block's scale
-    and zero point are fitted (clipping search weighted by diag H) when the sweep reaches the block, on the
-    weights as the earlier columns' errors have updated them."""
+    so that the rounding minimizes the layer's output error, not the weight error.
+
+    Without `act_order` the sweep runs left to right and each block's scale and zero point are fitted (clipping
+    search weighted by diag H) when the sweep reaches it, on the weights as earlier errors have updated them.
+    With `act_order` the sweep takes the columns with the largest inputs first (H's diagonal, descending) — their
+    error then lands on the many columns still free — and the blocks' parameters are fitted beforehand ("static
+    groups"), since MatMulNBits' blocks are runs of consecutive columns that the reordered sweep visits piecemeal."""
     w = w.detach().to(torch.float32).clone()
     n, k = w.shape
     b, qmax = spec.block, (1 << spec.bits) - 1
@@ -194,15 +198,20 @@ def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor) -> Qu
     H[dead, dead] = 1.0
     w[:, dead] = 0.0
     hdiag = torch.diagonal(H).clone()
-    damp = GPTQ_DAMP * float(hdiag.mean())
-    H.diagonal().add_(damp)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(Hinv, upper=True)  # upper Cholesky factor of H⁻¹: row i = the update of column i
-    del H, L, Hinv
     nb = k // b
-    codes = torch.empty(n, k, dtype=torch.uint8)
     scales, zeros = torch.empty(n, nb), torch.empty(n, nb)
+    order = torch.arange(k)
+    if act_order:
+        for r in range(0, n, 4096):
+            s, z = _fit_blocks(w[r:r + 4096].reshape(-1, nb, b), qmax, hdiag.reshape(nb, b))
+            scales[r:r + 4096], zeros[r:r + 4096] = s, z
+        order = torch.argsort(hdiag, descending=True)
+        w, H = w[:, order], H[order][:, order]
+    H.diagonal().add_(GPTQ_DAMP * float(hdiag.mean()))
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    del H  # U: upper Cholesky factor of H⁻¹; row i is how column i's error spreads over the later columns
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    blk = order // b  # the block of each swept column
     for p0 in range(0, k, GPTQ_PANEL):
         p1 = min(k, p0 + GPTQ_PANEL)
         W1 = w[:, p0:p1].clone()
@@ -210,13 +219,12 @@ def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor) -> Qu
         U1 = U[p0:p1, p0:p1]
         for i in range(p1 - p0):
             col = p0 + i
-            if col % b == 0:
-                blk = col // b
+            if not act_order and col % b == 0:
                 s, z = _fit_blocks(W1[:, i:i + b].unsqueeze(1), qmax, hdiag[col:col + b].unsqueeze(0))
-                scales[:, blk], zeros[:, blk] = s[:, 0], z[:, 0]
-                s_col, z_col = s[:, 0], z[:, 0]
+                scales[:, col // b], zeros[:, col // b] = s[:, 0], z[:, 0]
+            s_col, z_col = scales[:, blk[col]], zeros[:, blk[col]]
             q = torch.round(W1[:, i] / s_col + z_col).clamp_(0, qmax)
-            codes[:, col] = q.to(torch.uint8)
+            codes[:, order[col]] = q.to(torch.uint8)
             err = (W1[:, i] - (q - z_col) * s_col) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err

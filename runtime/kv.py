@@ -1,10 +1,18 @@
 """The KV cache: device buffers allocated once, bound to the graph's past inputs and present outputs by pointer.
 
-The exported graph concatenates past and new keys (`present = Concat(past, new)`), so past and present cannot be
-one buffer. Each layer's key and value get two flat buffers instead (ping-pong): a step binds past to one and
-present to the other, ONNX Runtime writes `past + new` straight into it, and the next step swaps the two. Flat,
-because the first B·kv·T·hd elements of a flat buffer are a contiguous (B, kv, T, hd) tensor for every T, so no
-step allocates, reshapes or copies on the host. On CUDA the buffers live on the GPU and never visit the host.
+Two modes, by what the graph's attention does with the cache:
+
+- shared (GroupQueryAttention in every layer, the fused lowering): one (B, kv, capacity, hd) buffer per layer
+  tensor, bound as both past and present with its full shape. ONNX Runtime's GroupQueryAttention sizes present as
+  max(past length, total length) and, seeing past and present at the same address, writes only the new positions
+  in place (onnxruntime-genai's `past_present_share_buffer`); it reads each row's first `total` positions, told by
+  the attention mask's length. Nothing is copied and the bindings never change, so they are made once.
+- ping-pong (any other graph: `present = Concat(past, new)`, so past and present cannot be one buffer): two flat
+  buffers per layer tensor; a step binds past to one and present to the other, ONNX Runtime writes `past + new`
+  straight into it, and the next step swaps the two. Flat, because the first B·kv·T·hd elements of a flat buffer
+  are a contiguous (B, kv, T, hd) tensor for every T, so no step allocates, reshapes or copies on the host.
+
+On CUDA the buffers live on the GPU and never visit the host.
 """
 
 from __future__ import annotations
@@ -35,18 +43,20 @@ def alloc(n: int, dtype: np.dtype, device: str, device_id: int = 0) -> Buffer:
 
 class KVCache:
     def __init__(self, past_names: list[str], present_names: list[str], batch: int, kv_heads: int, head_dim: int,
-                 capacity: int, dtype: np.dtype, device: str, device_id: int = 0):
+                 capacity: int, dtype: np.dtype, device: str, device_id: int = 0, shared: bool = False):
         self.past_names, self.present_names = past_names, present_names
         self.batch, self.kv_heads, self.head_dim, self.capacity = batch, kv_heads, head_dim, capacity
-        self.dtype, self.device, self.device_id = np.dtype(dtype), device, device_id
+        self.dtype, self.device, self.device_id, self.shared = np.dtype(dtype), device, device_id, shared
         n = batch * kv_heads * capacity * head_dim
-        self.bufs = [(alloc(n, dtype, device, device_id), alloc(n, dtype, device, device_id)) for _ in past_names]
+        copies = 1 if shared else 2
+        self.bufs = [tuple(alloc(n, dtype, device, device_id) for _ in range(copies)) for _ in past_names]
         self.length = 0  # tokens cached (including left padding)
-        self.cur = 0  # which buffer of each pair holds the cache
+        self.cur = 0  # ping-pong: which buffer of each pair holds the cache (shared: always 0)
+        self._bound = None  # shared: the IO binding that already holds this cache's (unchanging) bindings
 
     @property
     def nbytes(self) -> int:
-        return 2 * len(self.bufs) * self.bufs[0][0].n * self.dtype.itemsize
+        return len(self.bufs) * len(self.bufs[0]) * self.bufs[0][0].n * self.dtype.itemsize
 
     def fits(self, batch: int, tokens: int) -> bool:
         return batch == self.batch and tokens <= self.capacity
@@ -55,24 +65,37 @@ class KVCache:
         self.length, self.cur = 0, 0
 
     def bind(self, io, new_tokens: int) -> None:
-        """Bind past (the cached tokens) and present (past + `new_tokens`) for the next step."""
+        """Bind past (the cached tokens) and present (past + `new_tokens`) for the next step. The caller must not
+        clear the binding's inputs or outputs between steps: binding a name again replaces the old binding, and
+        shared mode binds only once per IO binding."""
         total = self.length + new_tokens
         assert total <= self.capacity, (total, self.capacity)
+        if self.shared:
+            if self._bound is not io:
+                full = [self.batch, self.kv_heads, self.capacity, self.head_dim]  # (B, kv, capacity, hd)
+                self._bind_all(io, full, full, 0, 0)
+                self._bound = io
+            return
         past = [self.batch, self.kv_heads, self.length, self.head_dim]  # (B, kv, past, hd)
         present = [self.batch, self.kv_heads, total, self.head_dim]  # (B, kv, past + S, hd)
-        for (pin, pout), pair in zip(zip(self.past_names, self.present_names), self.bufs):
-            src, dst = pair[self.cur], pair[1 - self.cur]
-            io.bind_input(pin, self.device, self.device_id, self.dtype, past, src.ptr)
-            io.bind_output(pout, self.device, self.device_id, self.dtype, present, dst.ptr)
+        self._bind_all(io, past, present, self.cur, 1 - self.cur)
+
+    def _bind_all(self, io, past: list[int], present: list[int], src: int, dst: int) -> None:
+        for pin, pout, pair in zip(self.past_names, self.present_names, self.bufs):
+            io.bind_input(pin, self.device, self.device_id, self.dtype, past, pair[src].ptr)
+            io.bind_output(pout, self.device, self.device_id, self.dtype, present, pair[dst].ptr)
 
     def advance(self, new_tokens: int) -> None:
-        """After a step: present becomes the next past."""
+        """After a step: present becomes the next past (ping-pong: the other buffer of each pair)."""
         self.length += new_tokens
-        self.cur = 1 - self.cur
+        if not self.shared:
+            self.cur = 1 - self.cur
 
     def host_layer(self, i: int, which: int = 0) -> np.ndarray:
         """Layer i's cached keys (which=0) or values (1) as (B, kv, T, hd), CPU only (tests, debugging)."""
         buf = self.bufs[2 * i + which][self.cur]
-        n = self.batch * self.kv_heads * self.length * self.head_dim
         assert buf.host is not None, "host_layer reads CPU buffers only"
-        return buf.host[:n].reshape(self.batch, self.kv_heads, self.length, self.head_dim)
+        B, kv, T, hd = self.batch, self.kv_heads, self.length, self.head_dim
+        if self.shared:  # (B, kv, capacity, hd): the first T positions of each row
+            return buf.host.reshape(B, kv, self.capacity, hd)[:, :, :T]
+        return buf.host[:B * kv * T * hd].reshape(B, kv, T, hd)

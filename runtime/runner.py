@@ -22,6 +22,7 @@ from .session import Session, SessionSettings, build_session, check_graph
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 KEEP = "logits_to_keep"
+GQA = "com.microsoft::GroupQueryAttention"
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,19 @@ def _layer_key(name: str) -> tuple[int, int]:
     return (int(m.group(1)), m.group(2) == "value") if m else (1 << 30, 0)
 
 
+def gqa_in_every_layer(folder: ExportFolder, layers: int) -> bool:
+    """Whether each of the graph's `layers` attentions is GroupQueryAttention, which takes past and returns
+    present itself and so can share one buffer for both (kv.py). Read from the export report's op histogram (the
+    saved graph's nodes): no graph or weights to load, and `import onnx` alone costs a second. One attention per
+    layer, so as many GQA nodes as layers leaves none for Concat or Dual Chunk Attention. No report: False, the
+    ping-pong cache, which is right for every graph."""
+    return folder.report.get("ops", {}).get(GQA, 0) == layers
+
+
 class Runner:
-    def __init__(self, model: str | Path | ExportFolder, settings: SessionSettings | None = None):
+    def __init__(self, model: str | Path | ExportFolder, settings: SessionSettings | None = None,
+                 kv_share: bool = True):
+        """`kv_share=False` keeps the ping-pong KV cache even where the graph could share one buffer."""
         self.folder = model if isinstance(model, ExportFolder) else open_export(model)
         self.settings = settings or SessionSettings()
         self.session: Session = build_session(self.folder.onnx_path, self.settings)
@@ -75,6 +87,7 @@ class Runner:
         first = ins[self.past_names[0]]
         self.kv_dtype = ORT_TYPES[first.type]
         _, self.kv_heads, _, self.head_dim = first.shape
+        self.shared_kv = kv_share and gqa_in_every_layer(self.folder, len(self.past_names) // 2)
         self.vocab = self.folder.config.vocab_size
         overridable = {i.name for i in sess.get_overridable_initializers()}
         self.keep_last = KEEP in ins or KEEP in overridable  # graph can compute the last position's logits only
@@ -110,9 +123,7 @@ class Runner:
         B, S = ids.shape
         cache = self.cache
         assert cache is not None and mask.shape == (B, cache.length + S)
-        io = self._io
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
+        io = self._io  # never cleared: each step rebinds what changed, the shared cache stays bound (kv.py)
         feeds = [np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos)]  # kept alive through run
         for name, a in zip(("input_ids", "attention_mask", "position_ids"), feeds):
             io.bind_cpu_input(name, a)
@@ -132,7 +143,7 @@ class Runner:
         if self.cache is None or not self.cache.fits(batch, tokens):
             self.cache = None  # free the old buffers first
             self.cache = KVCache(self.past_names, self.present_names, batch, self.kv_heads, self.head_dim, tokens,
-                                 self.kv_dtype, self.device, self.settings.device_id)
+                                 self.kv_dtype, self.device, self.settings.device_id, self.shared_kv)
         self.cache.reset()
         return self.cache
 
@@ -175,6 +186,11 @@ class Runner:
                 st.finish = ["context"] * B
             return
         self._ensure_cache(B, T + steps - 1)
+        # the whole generation's mask, allocated once: the prompt's, then one column per decode step (views feed the
+        # steps; a batch of one needs no copy). Positions go on from each row's real token count.
+        full_mask = np.ones((B, T + steps - 1), dtype=np.int64)
+        full_mask[:, :T] = mask
+        pos = mask.sum(-1, keepdims=True)  # (B, 1)
         penalty = getattr(params, "repetition_penalty", 1.0)
         seen = None
         if penalty != 1.0:
@@ -212,9 +228,8 @@ class Runner:
                 if last and steps < params.max_new_tokens:
                     st.finish = [f if f == "stop" else "context" for f in st.finish]
                 break
-            mask = np.concatenate([mask, np.ones((B, 1), dtype=mask.dtype)], axis=1)
-            pos = mask.sum(-1, keepdims=True) - 1  # (B, 1)
-            logits = self.step(tok.numpy()[:, None], mask, pos)
+            logits = self.step(tok.numpy()[:, None], full_mask[:, :T + i + 1], pos)
+            pos += 1
         st.decode_s = time.perf_counter() - t1
 
     # ---- text -----------------------------------------------------------------------------------------------------

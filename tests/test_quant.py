@@ -115,8 +115,8 @@ def test_default_calibration_text_is_shipped_and_held_out(real_tokenizer):
 
 def test_plan_quantizer_choices():
     ckpt = random_checkpoint("tiny")
-    assert make_plan("onnx", ckpt, dtype="int4").recipe == "calibrated"
-    assert make_plan("onnx", ckpt, dtype="int4", quantizer="exact").recipe == "gguf-exact"
+    assert make_plan("onnx", ckpt, dtype="int4").recipe == "gguf-exact"
+    assert make_plan("onnx", ckpt, dtype="int4", quantizer="calibrated").recipe == "calibrated"
     assert make_plan("onnx", ckpt, dtype="int4", quantizer="rtn").recipe == "requantize"
     assert make_plan("onnx", ckpt, dtype="int4", requantize=True).recipe == "requantize"
     for kw, msg in (({"dtype": "fp32", "quantizer": "rtn"}, "--quantizer applies to quantized"),
@@ -125,3 +125,25 @@ def test_plan_quantizer_choices():
                     ({"dtype": "int4", "quantizer": "exact", "requantize": True}, "contradicts")):
         with pytest.raises(Qwen2Error, match=msg):
             make_plan("onnx", ckpt, **kw)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-untied"])
+def test_calibrated_export_matches_its_dequantized_reference(tiny_export, model):
+    """`--quantizer calibrated` end to end on a tiny model (no tokenizer: seeded token ids): every linear weight
+    but the embedding is GPTQ's, and the export computes what the reference does with the written weights."""
+    from export.onnx import dequantized_reference, reference_model
+    from export.tolerances import TINY, TINY_INT4_DEQUANTIZED
+
+    from .conftest import onnx_parity
+
+    ckpt, out, report = tiny_export(model, "int4", quantizer="calibrated")
+    assert report["plan"]["recipe"] == "calibrated" and report["calibration"]["method"] == "gptq"
+    gptq = {n for n, q in report["quantized"].items() if q["from"] == "gptq"}
+    assert gptq and all("embed_tokens" not in n for n in gptq)
+    assert all(q["from"] == "gptq" for n, q in report["quantized"].items() if "embed_tokens" not in n)
+    prompts = [[5, 9, 200, 31, 77, 12], [8, 1, 3]]
+    p = onnx_parity(out, reference_model(ckpt), prompts, 4, TINY["int4"])
+    assert p.max_abs_logits <= TINY["int4"].max_abs_logits, p
+    d = onnx_parity(out, dequantized_reference(ckpt, report, out), prompts, 4, TINY_INT4_DEQUANTIZED)
+    assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+    assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d

@@ -36,7 +36,8 @@ CPU2 = SessionSettings(threads=2)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(checkpoint, export folder, reference model) for the tiny untied config, fp32."""
+    """(checkpoint, export folder, reference model) for the tiny untied config, fp32, the default (fused)
+    lowering: GroupQueryAttention in every layer, so the runner shares one KV buffer for past and present."""
     root = tmp_path_factory.mktemp("runtime")
     hf_model(from_name("tiny-untied"), seed=3).save_pretrained(root / "ckpt", safe_serialization=True)
     ckpt = open_checkpoint(root / "ckpt")
@@ -47,6 +48,12 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runner(tiny):
     return Runner(tiny[1], CPU2)
+
+
+@pytest.fixture(scope="module")
+def copying(tiny):
+    """The same export with the ping-pong KV cache (present = past + new copied each step) forced."""
+    return Runner(tiny[1], CPU2, kv_share=False)
 
 
 def tokens(runner_or_model, prompts, params, **kw):
@@ -90,8 +97,11 @@ def test_chunked_prefill_equals_one_shot(runner):
     assert tokens(runner, PROMPTS, params, prefill_chunk=4) == tokens(runner, PROMPTS, params, prefill_chunk=0)
 
 
-def test_io_bound_cache_equals_plain_session_run(runner):
-    """The ping-pong buffers hold exactly what ONNX Runtime's own outputs hold, and are reused across calls."""
+@pytest.mark.parametrize("mode", ["runner", "copying"])
+def test_io_bound_cache_equals_plain_session_run(mode, request):
+    """The shared and the ping-pong buffers hold exactly what ONNX Runtime's own outputs hold, and are reused
+    across calls."""
+    runner = request.getfixturevalue(mode)
     ids = np.array([PROMPTS[1]])
     for _ in runner.generate([PROMPTS[1]], SamplingParams(max_new_tokens=3)):
         pass
@@ -107,6 +117,33 @@ def test_io_bound_cache_equals_plain_session_run(runner):
     for layer in range(2):
         np.testing.assert_array_equal(runner.cache.host_layer(layer, 0), past[2 * layer])
         np.testing.assert_array_equal(runner.cache.host_layer(layer, 1), past[2 * layer + 1])
+
+
+def test_kv_mode_follows_the_graphs_attention(runner, copying, tiny_export):
+    assert runner.shared_kv and not copying.shared_kv
+    _, function, _ = tiny_export("tiny-untied", "fp32", "function")
+    assert not Runner(function, CPU2).shared_kv  # present = Concat(past, new): past and present cannot share
+    assert not Runner(dataclasses.replace(runner.folder, report={}), CPU2).shared_kv  # no report: the safe mode
+
+
+GREEDY = SamplingParams(max_new_tokens=16)
+
+
+@pytest.mark.parametrize("prompts, params, chunk", [
+    (PROMPTS[:1], GREEDY, 0),
+    (PROMPTS[:2], GREEDY, 0),  # left-padded
+    (PROMPTS[:2], GREEDY, 3),  # chunked prefill: GroupQueryAttention appends a prompt chunk to the shared buffer
+    (PROMPTS[:2], SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=7), 0),
+], ids=["greedy", "padded-batch", "chunked", "sampled"])
+def test_shared_kv_equals_copying(runner, copying, prompts, params, chunk):
+    assert tokens(runner, prompts, params, prefill_chunk=chunk) == tokens(copying, prompts, params,
+                                                                          prefill_chunk=chunk)
+    shared, pair = runner.cache, copying.cache
+    assert shared.shared and not pair.shared and shared.nbytes * 2 == pair.nbytes
+    assert shared.length == pair.length == len(max(prompts, key=len)) + params.max_new_tokens - 1
+    for layer in range(2):
+        for which in (0, 1):
+            np.testing.assert_array_equal(shared.host_layer(layer, which), pair.host_layer(layer, which))
 
 
 def test_stop_tokens_and_max_new_tokens(runner):

@@ -19,7 +19,7 @@ from qwen2_ref.checkpoint import Checkpoint, empty_model
 from qwen2_ref.progress import console, status
 from qwen2_ref.weights import expected_tensors, load_into
 
-from ..calibrate import calibrate_checkpoint
+from ..calibrate import calibrate_checkpoint, keep_exact
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
 from ..plan import ExportPlan, make_plan
@@ -133,7 +133,11 @@ def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers:
                               "where possible, else round-to-nearest)"}
     names = {n for n, v in model.graph.initializers.items() if quantizable(n, v.shape) and "embed_tokens" not in n}
     source = ckpt if num_layers is None else _TruncatedCheckpoint(ckpt, cfg)
-    return calibrate_checkpoint(source, names, plan.calibration)
+    results, info = calibrate_checkpoint(source, names, plan.calibration)
+    exact = keep_exact(results, ckpt.source)
+    info["kept_exact"] = {n: ckpt.source.tensor_type(n) for n in sorted(exact)}
+    info["gptq_output_error"] = {n: round(c.error, 6) for n, c in sorted(results.items())}
+    return {n: c for n, c in results.items() if n not in exact}, info
 
 
 class _TruncatedCheckpoint:
