@@ -108,26 +108,9 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec = RTN4) -> Quantized:
 
 
 def _rtn_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lo = x.amin(-1).clamp_(max=0.0)
-    hi = x.amax(-1).clamp_(min=0.0)
-    best_err = best_s = best_z = None
-    q = torch.empty_like(x)
-    for f in _SHRINK:
-        s = ((hi - lo) * (f / qmax)).clamp_(min=1e-12)
-        z = torch.round(-lo * f / s).clamp_(0, qmax)
-        torch.div(x, s[..., None], out=q)
-        q.add_(z[..., None]).round_().clamp_(0, qmax).sub_(z[..., None]).mul_(s[..., None]).sub_(x)
-        err = q.square_().sum(-1)
-        if best_err is None:
-            best_err, best_s, best_z = err, s, z
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-    torch.div(x, best_s[..., None], out=q)
-    q.add_(best_z[..., None]).round_().clamp_(0, qmax)
-    return q.to(torch.uint8), best_s, best_z.to(torch.uint8)
+    s, z = _fit_blocks(x, qmax, None)
+    q = torch.round(x / s[..., None] + z[..., None]).clamp_(0, qmax)
+    return q.to(torch.uint8), s, z.to(torch.uint8)
 
 
 # ---- calibrated: weighted by what the layer's inputs look like -------------------------------------------------
