@@ -46,9 +46,6 @@ def calibration_ids(tokenizer, path: str | Path | None = None, tokens: int = CAL
         raise CalibrationError(f"--calibration {path}: cannot be read as UTF-8 text ({e.__class__.__name__})") from None
     if not text.strip():
         raise CalibrationError(f"--calibration {path}: the file is empty (expected at least {MIN_TOKENS} tokens of text)")
-    if tokenizer is None:
-        raise CalibrationError("calibrated quantization needs the checkpoint's tokenizer, and this one has none; "
-                               "pass --quantizer rtn")
     ids = tokenizer.encode(text)
     if len(ids) < MIN_TOKENS:
         raise CalibrationError(f"--calibration {path}: {len(ids)} tokens, too short (at least {MIN_TOKENS} needed)")
@@ -135,28 +132,24 @@ def gptq_group(spec: QuantSpec, act_order: bool = False) -> "GroupQuantizer":
 GPTQ4 = QuantSpec(bits=4, block=32, source="gptq")
 
 
-def calibrate_checkpoint(ckpt, names: set[str], text: str | Path | None = None, spec: QuantSpec = GPTQ4
-                         ) -> tuple[dict[str, Calibrated], dict]:
+def calibrate_checkpoint(load_model: Callable[[], torch.nn.Module], tokenizer, names: set[str],
+                         text: str | Path | None = None, spec: QuantSpec = GPTQ4) -> tuple[dict[str, Calibrated], dict]:
     """GPTQ for every linear weight in `names`, against the fp32 reference's own inputs on the calibration text.
-    Returns the results and what the report says about the calibration. The reference is freed before return."""
-    from qwen2_ref.checkpoint import empty_model
+    `load_model()` gives the reference; it is freed before return. Returns the results and what the report says
+    about the calibration."""
     from qwen2_ref.memory import release_freed_memory
-    from qwen2_ref.weights import load_into
 
-    tok = ckpt.tokenizer()
-    if tok is not None:
-        ids = calibration_ids(tok, text)
+    if tokenizer is not None:
+        ids = calibration_ids(tokenizer, text)
         what = str(text) if text is not None else "export/data/calibration.txt"
-    else:  # a checkpoint without a tokenizer (random test models): seeded pseudo-random token ids
-        if text is not None:
-            raise CalibrationError(f"--calibration {text}: the checkpoint has no tokenizer to encode it with")
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, ckpt.config.vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
-        what = "pseudo-random token ids (the checkpoint has no tokenizer)"
+    elif text is not None:
+        raise CalibrationError(f"--calibration {text}: the checkpoint has no tokenizer to encode it with")
     t0 = time.perf_counter()
-    model = empty_model(ckpt.config, torch.float32)
-    load_into(model, ckpt.source, ckpt.config, progress=False)
-    model.eval()
+    model = load_model()
+    if tokenizer is None:  # a checkpoint without a tokenizer (random test models): seeded pseudo-random token ids
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
+        what = "pseudo-random token ids (the checkpoint has no tokenizer)"
     try:
         results = calibrate(model, ids, gptq_group(spec), names)
     finally:

@@ -132,22 +132,12 @@ def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers:
         return {}, {"method": "none: the fp32 reference is too large to calibrate on (GGUF blocks kept exactly "
                               "where possible, else round-to-nearest)"}
     names = {n for n, v in model.graph.initializers.items() if quantizable(n, v.shape) and "embed_tokens" not in n}
-    source = ckpt if num_layers is None else _TruncatedCheckpoint(ckpt, cfg)
-    results, info = calibrate_checkpoint(source, names, plan.calibration)
+    results, info = calibrate_checkpoint(lambda: reference_model(ckpt, num_layers), ckpt.tokenizer(), names,
+                                         plan.calibration)
     exact = keep_exact(results, ckpt.source)
     info["kept_exact"] = {n: ckpt.source.tensor_type(n) for n in sorted(exact)}
     info["gptq_output_error"] = {n: round(c.error, 6) for n, c in sorted(results.items())}
     return {n: c for n, c in results.items() if n not in exact}, info
-
-
-class _TruncatedCheckpoint:
-    """A checkpoint seen through a truncated config (the gate's first N layers)."""
-
-    def __init__(self, ckpt: Checkpoint, cfg):
-        self.config, self.source, self._ckpt = cfg, _Truncated(ckpt.source, cfg), ckpt
-
-    def tokenizer(self):
-        return self._ckpt.tokenizer()
 
 
 def _expert_quant(cfg, base: QuantSpec | None) -> QuantSpec | None:
