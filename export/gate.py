@@ -155,13 +155,29 @@ def run_gate(subject: AbstractContextManager[GateSubject], prompts: list[list[in
         p = compare(step, run, tolerance, backend, require_top1)
         del step
     result = p.to_dict() | {"scope": s.scope, "top1_floor_applied": require_top1}
+    verdict = parity_verdict(p, tolerance, require_top1, what, s.scope)
     if not p.passed:
-        raise ParityError(f"parity gate failed for the {what}: max |Δ logits| {p.max_abs_logits:.3g} "
-                          f"(limit {tolerance.max_abs_logits}), top-1 agreement {p.top1_agreement:.3f} "
-                          f"(floor {tolerance.min_top1_agreement}); nothing was written")
-    status(f"parity: max |Δ logits| {p.max_abs_logits:.2e}, top-1 agreement {p.top1_agreement:.3f}, "
-           f"greedy agreement {p.greedy_agreement:.2f}")
+        raise ParityError(f"parity gate failed for the {what}: {verdict}; nothing was written")
+    status(f"parity: {verdict}")
     return result
+
+
+def parity_verdict(p: Parity, tolerance: Tolerance, require_top1: bool, what: str, scope: str = "full model") -> str:
+    """PASS or FAIL, each measure against its bound, and what ran: `PASS max |Δ logits| 1.23e-03 ≤ 5.0e-03, top-1
+    agreement 1.000 ≥ 1.00, greedy agreement 1.00 (fp32 ONNX export, 19-token prefill + 4 decode steps)`. A top-1
+    floor the gate does not apply (random weights) is said to be unchecked."""
+    logits = "≤" if p.max_abs_logits <= tolerance.max_abs_logits else ">"
+    text = (f"{'PASS' if p.passed else 'FAIL'} max |Δ logits| {p.max_abs_logits:.2e} {logits} "
+            f"{tolerance.max_abs_logits:.1e}, top-1 agreement {p.top1_agreement:.3f} ")
+    if require_top1:
+        top1 = "≥" if p.top1_agreement >= tolerance.min_top1_agreement else "<"
+        text += f"{top1} {tolerance.min_top1_agreement:.2f}"
+    else:
+        text += "(no floor: random weights)"
+    where = "" if scope == "full model" else f"{scope}, "
+    batch = f"batch {p.batch}, " if p.batch > 1 else ""
+    return (f"{text}, greedy agreement {p.greedy_agreement:.2f} ({what}, {where}{batch}{p.prompt_tokens}-token "
+            f"prefill + {p.decode_steps} decode steps)")
 
 
 def require_memory(need: int, what: str, remedy: str) -> None:

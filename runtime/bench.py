@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from qwen2_ref.memory import peak_rss_mib
+from qwen2_ref.progress import format_duration, status
 
 from .runner import GenerationConfig, Runner
 from .session import SessionSettings
@@ -45,15 +46,22 @@ def bench_prompt(n: int, vocab: int) -> list[int]:
 
 def run_bench(model: str, settings: SessionSettings, prompt_tokens: int = 512, new_tokens: int = 128,
               runs: int = 3) -> BenchResult:
+    """Progress goes to stderr (one line per phase and per run, with its figures and an ETA); the result is
+    returned for stdout. There is no separate warm-up: run 1 carries the first-run costs and the medians absorb it."""
+    threads = {0: "ONNX Runtime's default threads", 1: "1 thread"}.get(settings.threads, f"{settings.threads} threads")
+    status(f"bench: loading {model} ({threads}) ...")
     t0 = time.perf_counter()
     r = Runner(model, settings)
     load_s = time.perf_counter() - t0
+    status(f"bench: loaded in {load_s:.1f} s on {', '.join(r.session.active)}; {runs} run{'s' if runs > 1 else ''} "
+           f"follow, each: prefill {prompt_tokens} tokens, decode {new_tokens} tokens")
     long = bench_prompt(prompt_tokens, r.vocab)
     short = long[:16]
     no_stop = GenerationConfig(max_new_tokens=1, stop_token_ids=())
     decode_cfg = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
     prefill, ttft, decode = [], [], []
-    for _ in range(runs):
+    t_runs = time.perf_counter()
+    for i in range(1, runs + 1):
         for _ in r.generate([long], no_stop):  # prompt in, first token out
             pass
         prefill.append(r.stats.prefill_tok_s)
@@ -61,6 +69,10 @@ def run_bench(model: str, settings: SessionSettings, prompt_tokens: int = 512, n
         for _ in r.generate([short], decode_cfg):
             pass
         decode.append(r.stats.decode_tok_s)
+        el = time.perf_counter() - t_runs
+        status(f"bench: run {i}/{runs}{' (includes first-run costs)' if i == 1 and runs > 1 else ''}: prefill "
+               f"{prefill[-1]:.1f} tok/s (TTFT {ttft[-1]:.3f} s), decode {decode[-1]:.1f} tok/s; "
+               f"{format_duration(el)} elapsed, ETA {format_duration(el / i * (runs - i))}")
     return BenchResult(model=str(model), dtype=r.folder.dtype, providers=list(r.session.active),
                        threads=settings.threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                        load_s=load_s, prefill_tok_s=statistics.median(prefill),

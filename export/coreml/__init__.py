@@ -92,7 +92,7 @@ class CoreMLTarget:
         facts["compress_s"] = round(time.perf_counter() - t1, 2)
         describe(mlmodel, ckpt.config, prec.name, wrapper.context, str(ckpt.path), LICENSE)
         facts["ops"] = dict(Counter(op.op_type for op in mlmodel._mil_program.functions["main"].operations))
-        status(f"saving {PACKAGE} ...")
+        status(f"saving {plan.out}/{PACKAGE} ...")
         t1 = time.perf_counter()
         mlmodel.save(str(folder / PACKAGE))
         facts["save_s"] = round(time.perf_counter() - t1, 2)
