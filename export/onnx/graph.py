@@ -97,7 +97,16 @@ LOGITS_TO_KEEP = "logits_to_keep"
 def add_logits_to_keep(model: ir.Model) -> bool:
     """An optional scalar input `logits_to_keep` (int64; an overridable initializer, default 0 = every position):
     when k > 0 the LM head runs on the last k positions only. Runners feed 1 in prefill; optimum and
-    onnxruntime-genai never see it (it is not a required input)."""
+    onnxruntime-genai never see it (it is not a required input).
+
+    ONNX Runtime logs one warning per session for it ("Initializer logits_to_keep appears in graph inputs and will
+    not be treated as constant value/weight"): Graph::Graph warns for every initializer that is also a graph input
+    (IR >= 4), with no condition and no model-side switch. Nothing else gives an input a default: a plain input is
+    required, and optimum feeds every input `get_inputs()` lists (it fails with "Input logits_to_keep is required
+    by model but not provided"); SessionOptions.add_initializer replaces an initializer only after constant
+    folding has used the file's value (it has no effect at ORT_ENABLE_ALL); a second, last-position logits output
+    would make optimum (which fetches every output) run the vocab-wide head twice in every decode step. So the
+    note stays (only log settings hide it, the user's choice); it is harmless: the value must not be folded."""
     g = model.graph
     logits = next(v for v in g.outputs if v.name == "logits")
     head = logits.producer()
@@ -133,7 +142,10 @@ def add_logits_to_keep(model: ir.Model) -> bool:
     for user, idx in list(x.uses()):  # the final norm's output feeds only the head (and its shape for Gemm)
         if user not in nodes:
             user.replace_input_with(idx, sl.outputs[0])
-    logits.shape = ir.Shape(["batch_size", "logits_sequence_length", logits.shape[2]])
+    # Still "sequence_length": what the graph returns to anyone who does not feed `logits_to_keep`. optimum with IO
+    # binding (its default on CUDA) sizes each output buffer by evaluating the output's dim names over the inputs'
+    # ones; a name no input has ("logits_sequence_length") makes it fail with a NameError.
+    logits.shape = ir.Shape(["batch_size", "sequence_length", logits.shape[2]])
     return True
 
 

@@ -9,6 +9,16 @@ from qwen2_ref.config import ModelArgs
 
 from ..precision import Precision
 
+# The `transformers_version` config.json and generation_config.json carry. The files are what transformers 4.57
+# reads (the tests load them with 4.57.6, pyproject's test extra), but 4.57.2, not 4.57.6: transformers 4.57.3 to
+# 4.57.6 use this field to guess whether a local tokenizer was saved with Mistral's broken pre-tokenizer regex, and
+# warn ("... with an incorrect regex pattern ... set `fix_mistral_regex=True`") for every large-vocab tokenizer
+# whose config.json has no version or one in (4.57.2, 5.0.0), Qwen's own save_pretrained output included
+# (huggingface/transformers#44031, fixed upstream by #45444). A non-Mistral model_type with 4.57.2 or earlier is
+# trusted. Our tokenizer is Qwen's, converted from the checkpoint, never saved by an affected transformers: 4.57.2
+# answers truly what transformers asks. (`fix_mistral_regex=True` would be wrong: it swaps in Mistral's regex.)
+TRANSFORMERS_VERSION = "4.57.2"
+
 
 def eos_ids(cfg: ModelArgs) -> list[int]:
     ids = [cfg.eos_token_id]
@@ -18,10 +28,11 @@ def eos_ids(cfg: ModelArgs) -> list[int]:
 
 
 def write_metadata(folder: Path, cfg: ModelArgs, precision: Precision, context: int) -> None:
-    hf = cfg.to_hf_config() | {"torch_dtype": precision.hf_torch_dtype, "use_cache": True}
+    hf = cfg.to_hf_config() | {"torch_dtype": precision.hf_torch_dtype, "use_cache": True,
+                               "transformers_version": TRANSFORMERS_VERSION}
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids(cfg), "pad_token_id": cfg.bos_token_id,
-           "do_sample": False}
+           "do_sample": False, "transformers_version": TRANSFORMERS_VERSION}
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     (folder / "genai_config.json").write_text(json.dumps(genai_config(cfg, context), indent=2) + "\n")
 
