@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from qwen2_ref.__main__ import run_cli
+from qwen2_ref.__main__ import CONTEXT, run_cli, version
 from qwen2_ref.config import SIZES
 
 import devices
@@ -21,11 +21,14 @@ def _dtype_help(target: str, default: str) -> str:
 def _export(target: str, size, checkpoint, random_weights, **flags) -> None:
     from qwen2_ref.checkpoint import resolve_checkpoint
 
+    from .output import check_destination
     from .plan import make_plan, target_profile
 
     if checkpoint is None and size is None:
         raise click.UsageError("pass --size or --checkpoint")
     target_profile(target, flags.get("device"))  # a profile of the other runtime is refused before any loading
+    if flags.get("out") is not None:  # before the checkpoint is opened (or fetched); again with sizes in run_export
+        check_destination(flags["out"], flags.get("overwrite", False), (checkpoint,) if checkpoint else ())
     ckpt = resolve_checkpoint(size, checkpoint, random_weights)
     plan = make_plan(target, ckpt, **flags)
     for note in plan.overrides:
@@ -40,9 +43,10 @@ def _export(target: str, size, checkpoint, random_weights, **flags) -> None:
         export_coreml(ckpt, plan)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT)
+@click.version_option(version(), "--version", prog_name="qwen2-export")
 def cli() -> None:
-    """Export Qwen2 models, proved equivalent to the PyTorch reference."""
+    """Export Qwen2 models to ONNX Runtime and Core ML, proved equivalent to the PyTorch reference."""
 
 
 @cli.command()
@@ -121,6 +125,11 @@ def plan(size, device, dtype, max_context):
               f"{p['total_gib']:.2f}", f"{p['budget_gib']:.1f}", "yes" if p["fits"] else "NO",
               f"{p['decode_bound_short_tok_s']:.1f}", f"{p['decode_bound_full_context_tok_s']:.1f}")
     Console(width=160).print(t)
+
+
+def main() -> None:
+    """The `qwen2-export` console script (the same as `python -m export`)."""
+    run_cli(cli, prog_name="qwen2-export")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from qwen2_ref.tokenizer import Tokenizer
 from qwen2_ref.weights import validate
 
 from .gate import GateSubject, gate_prompts, require_memory, run_gate
-from .output import staged_folder
+from .output import REPORT, check_destination, staged_folder
 from .plan import ExportPlan
+from .sizing import weight_bytes
 
-REPORT = "export_report.json"
 
 
 class Target(Protocol):
@@ -49,18 +49,26 @@ class Target(Protocol):
 def run_export(ckpt: Checkpoint, plan: ExportPlan, target: Target) -> dict:
     """Export `ckpt` as `plan` says; returns the report (also written to `export_report.json` in the folder)."""
     cfg = ckpt.config
-    validate(ckpt.source, cfg)  # names and shapes, before any work
+    # Every check that can fail fast, before any work: the destination (not the input, writable, room for the
+    # estimated size), names and shapes, what the target refuses, memory.
+    inputs = () if ckpt.kind == "random" else (ckpt.path,)
+    need_bytes = weight_bytes(cfg, plan.precision, plan.lowering)[0]
+    check_destination(plan.out, plan.overwrite, inputs, need_bytes)
+    validate(ckpt.source, cfg)
     target.check(ckpt, plan)
     need = target.memory_needed(ckpt, plan)
     if need is not None:
         require_memory(*need)
+    tokenizer = functools.cache(ckpt.tokenizer)  # built now: a damaged tokenizer fails before any work
+    if tokenizer() is None and ckpt.kind != "random":
+        status(f"note: {ckpt.path} has no tokenizer: the export will run on token ids, but `runtime generate` and "
+               "onnxruntime-genai need one to turn text into ids")
     t0 = time.perf_counter()
     report: dict = {"format": plan.target, "size": ckpt.size, "model_type": cfg.model_type,
                     "dtype": plan.precision.name, "source": str(ckpt.path), "source_kind": ckpt.kind,
                     "device_profile": plan.profile.name if plan.profile else None, "context": plan.context,
                     "plan": plan.describe(), "config": cfg.to_hf_config()}
-    with staged_folder(plan.out, plan.overwrite) as tmp:
-        tokenizer = functools.cache(ckpt.tokenizer)
+    with staged_folder(plan.out, plan.overwrite, inputs, need_bytes) as tmp:
         report |= target.build(ckpt, plan, tmp, tokenizer)
         report["export_peak_rss_mib"] = round(peak_rss_mib())
         tok = tokenizer()

@@ -144,6 +144,8 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
         else QUANTIZERS[quantizer or DEFAULT_QUANTIZER]
     if calibration is not None and recipe != "calibrated":
         raise Qwen2Error("--calibration applies to the calibrated quantizer (ONNX int4, --quantizer calibrated)")
+    if calibration is not None and not Path(calibration).expanduser().is_file():  # before any work, not at build
+        raise Qwen2Error(f"--calibration {calibration}: no such file (expected a UTF-8 text file)")
     if out is None:
         label = ckpt.size or (str(ckpt.path).strip("<>").removeprefix("random ") if ckpt.kind == "random"
                               else ckpt.path.stem)

@@ -11,15 +11,32 @@ from .config import SIZES
 from .errors import Qwen2Error
 
 
-def run_cli(group: click.Group) -> None:
-    """Run a click group, turning user errors into one line on stderr (exit 2) instead of a traceback."""
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
     try:
-        group.main(standalone_mode=False)
+        return dist_version("qwen2-export")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+def run_cli(group: click.Group, args: list[str] | None = None, prog_name: str | None = None) -> None:
+    """Run a click group, turning user errors into one line on stderr instead of a traceback: `error: ...` with
+    exit status 2 for bad input, 1 for the machine refusing (disk, permissions, memory), 130 for Ctrl-C."""
+    try:
+        group.main(args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # one line, like every other error: what was wrong and where help is
+        hint = f" (see '{e.ctx.command_path} -h')" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except Qwen2Error as e:
         click.echo(f"error: {e}", err=True)
@@ -27,9 +44,30 @@ def run_cli(group: click.Group) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:  # the machine said no: a full disk, a permission, a path too long; never our own bug
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}", err=True)
+        sys.exit(1)
+    except MemoryError:
+        click.echo("error: out of memory; close other programs, or pick a smaller size or precision", err=True)
+        sys.exit(1)
 
 
-@click.group()
+def text_option(name: str, value: str | None, allow_empty: bool = False) -> str | None:
+    """A text flag as the user typed it: refused with one line if empty (unless allowed) or not valid UTF-8."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Qwen2Error(f"{name} is not valid UTF-8 text") from None
+    if not value and not allow_empty:
+        raise Qwen2Error(f"{name} is empty; pass the text to use")
+    return value
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(version(), "--version", prog_name="qwen2_ref")
 def cli() -> None:
     """The Qwen2 PyTorch reference."""
 
@@ -52,6 +90,7 @@ def generate(checkpoint, size, random_weights, prompt, chat, system, max_new_tok
     from .checkpoint import resolve_checkpoint
     from .generate import SamplingParams, TextStream, generate_one
 
+    prompt, system = text_option("--prompt", prompt), text_option("--system", system)
     if checkpoint is None and size is None:
         size = "0.5b"
     t0 = time.perf_counter()
@@ -85,6 +124,10 @@ def generate(checkpoint, size, random_weights, prompt, chat, system, max_new_tok
     decode_s = (t2 - t_first) if t_first else 0.0
     click.echo(f"[load {load_s:.1f} s | prompt {len(ids)} tok, first token {((t_first or t2) - t1):.2f} s | "
                f"{n} new tok, decode {((n - 1) / decode_s) if n > 1 and decode_s > 0 else 0:.1f} tok/s]", err=True)
+
+
+def main() -> None:
+    run_cli(cli, prog_name="qwen2-ref")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 from . import hub
 from .config import ModelArgs, from_name, size_of
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, read_json
 from .model import Qwen2ForCausalLM
 from .tokenizer import Tokenizer
 from .weights import GGUFSource, RandomSource, SafetensorsSource, WeightSource, load_into
@@ -33,15 +33,18 @@ class Checkpoint:
     def size(self) -> str | None:
         return size_of(self.config)
 
+    def tokenizer_file(self) -> Path | None:
+        """A Hugging Face checkpoint's tokenizer.json, if it has one."""
+        tj = (self.path if self.path.is_dir() else self.path.parent) / "tokenizer.json"
+        return tj if self.kind == "hf" and tj.is_file() else None
+
     def tokenizer(self) -> Tokenizer | None:
         if self.kind == "random":  # no files behind it (and never a stray tokenizer.json from the cwd)
             return None
         if self.kind == "gguf":
-            return Tokenizer.from_gguf(self.source)
-        folder = self.path if self.path.is_dir() else self.path.parent
-        if (folder / "tokenizer.json").exists():
-            return Tokenizer.from_dir(folder)
-        return None
+            return Tokenizer.from_gguf(self.source) if self.source.field("tokenizer.ggml.model") is not None else None
+        tj = self.tokenizer_file()
+        return None if tj is None else Tokenizer.from_dir(tj.parent)
 
     def load_model(self, dtype: torch.dtype = torch.float32, progress: bool = True) -> Qwen2ForCausalLM:
         model = empty_model(self.config, dtype)
@@ -72,8 +75,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder (expected a Hugging Face folder or a .gguf file)")
     if path.is_file():
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(4)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
         if magic == b"GGUF" or path.suffix == ".gguf":
             return _open_gguf(path)
         if path.suffix == ".safetensors":
@@ -87,10 +93,7 @@ def _open_hf(folder: Path, source: WeightSource | None) -> Checkpoint:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json; not a Hugging Face checkpoint folder")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    raw = read_json(cfg_path)
     try:
         cfg = ModelArgs.from_hf_config(raw)
     except ConfigError as e:
@@ -126,6 +129,8 @@ def resolve_checkpoint(size: str | None = None, checkpoint: str | Path | None = 
     local Hugging Face cache; `random_weights` -> architecture only, as an explicit opt-in.
     """
     if checkpoint is not None:
+        if not str(checkpoint).strip():
+            raise CheckpointError("--checkpoint is empty; pass a Hugging Face folder or a .gguf file")
         if random_weights:
             raise ConfigError("--random-weights and --checkpoint exclude each other; pass one")
         ckpt = open_checkpoint(checkpoint)

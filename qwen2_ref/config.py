@@ -120,6 +120,10 @@ class ModelArgs:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name, most in (("vocab_size", 2**24), ("hidden_size", 2**17), ("intermediate_size", 2**20),
+                           ("num_hidden_layers", 1024), ("num_attention_heads", 1024), ("num_experts", 1024),
+                           ("moe_intermediate_size", 2**20), ("shared_expert_intermediate_size", 2**20)):
+            need(getattr(self, name) <= most, f"{name} {getattr(self, name)} is beyond any Qwen2 model (at most {most})")
         need(self.hidden_size % self.num_attention_heads == 0,
              f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
@@ -148,52 +152,71 @@ class ModelArgs:
     # ---- (de)serialization --------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> "ModelArgs":
-        """Build from a Hugging Face `config.json` dict; unknown keys are ignored, inconsistent values rejected."""
+        """Build from a Hugging Face `config.json` dict; unknown keys are ignored, wrong types and inconsistent
+        values rejected with a ConfigError that names the key (never a TypeError from deep inside)."""
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"config.json must hold a JSON object, got {_kind(cfg)}")
         mt = cfg.get("model_type", "qwen2")
         if mt not in ("qwen2", "qwen2_moe"):
             raise ConfigError(f"model_type {mt!r} is not a Qwen2 model (expected 'qwen2' or 'qwen2_moe')")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in cfg.items() if k in names and v is not None}
-        if "head_dim" in cfg and cfg["head_dim"] is not None:
-            hd = cfg["hidden_size"] // cfg["num_attention_heads"]
-            if cfg["head_dim"] != hd:
-                raise ConfigError(f"head_dim {cfg['head_dim']} disagrees with hidden_size / num_attention_heads = {hd}")
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            v = cfg.get(f.name)
+            if v is None or f.name in ("rope_scaling", "dual_chunk_attention_config"):
+                continue
+            if f.name == "eos_token_id" and isinstance(v, list):  # generation may stop on several ids
+                if not v:
+                    raise ConfigError("eos_token_id is an empty list; expected a token id or a list of them")
+                v = [_typed(f"eos_token_id[{i}]", x, int) for i, x in enumerate(v)][0]
+            elif f.name == "mlp_only_layers":
+                if not isinstance(v, list):
+                    raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {_kind(v)}")
+                v = tuple(_typed(f"mlp_only_layers[{i}]", x, int) for i, x in enumerate(v))
+            else:
+                v = _typed(f.name, v, _FIELD_TYPES[f.name])
+            kw[f.name] = v
         if "num_key_value_heads" not in kw and "num_attention_heads" in kw:
             kw["num_key_value_heads"] = kw["num_attention_heads"]
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
-        rs = cfg.get("rope_scaling")
-        kw["rope_scaling"] = None
+        rs = _section(cfg, "rope_scaling")
         if rs:
             rtype = rs.get("rope_type", rs.get("type"))
             if rtype not in (None, "default"):
+                if not isinstance(rtype, str):
+                    raise ConfigError(f"rope_scaling.rope_type must be a string, got {_kind(rtype)}")
+                opt = lambda key, typ, default: (default if rs.get(key) is None  # noqa: E731
+                                                 else _typed(f"rope_scaling.{key}", rs[key], typ))
                 kw["rope_scaling"] = RopeScaling(
-                    rope_type=rtype, factor=float(rs.get("factor", 1.0)),
-                    original_max_position_embeddings=int(rs.get("original_max_position_embeddings")
-                                                         or cfg.get("max_position_embeddings", 32768)),
-                    beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1),
-                    attention_factor=rs.get("attention_factor"))
-        dca = cfg.get("dual_chunk_attention_config")
-        kw["dual_chunk_attention_config"] = None
+                    rope_type=rtype, factor=opt("factor", float, 1.0),
+                    original_max_position_embeddings=(opt("original_max_position_embeddings", int, 0)
+                                                      or kw.get("max_position_embeddings", 32768)),
+                    beta_fast=opt("beta_fast", float, 32.0) or 32.0, beta_slow=opt("beta_slow", float, 1.0) or 1.0,
+                    attention_factor=opt("attention_factor", float, None))
+        dca = _section(cfg, "dual_chunk_attention_config")
         if dca:
+            for key in ("chunk_size", "local_size"):
+                if key not in dca:
+                    raise ConfigError(f"dual_chunk_attention_config lacks {key}")
+            omp = dca.get("original_max_position_embeddings")
             kw["dual_chunk_attention_config"] = DualChunkConfig(
-                chunk_size=int(dca["chunk_size"]), local_size=int(dca["local_size"]),
-                original_max_position_embeddings=dca.get("original_max_position_embeddings"))
+                chunk_size=_typed("dual_chunk_attention_config.chunk_size", dca["chunk_size"], int),
+                local_size=_typed("dual_chunk_attention_config.local_size", dca["local_size"], int),
+                original_max_position_embeddings=None if omp is None else _typed(
+                    "dual_chunk_attention_config.original_max_position_embeddings", omp, int))
         if mt == "qwen2_moe":
             kw.setdefault("num_experts", 60)
         else:
             for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
                 kw.pop(k, None)
-        kw["mlp_only_layers"] = tuple(kw.get("mlp_only_layers", ()))
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in kw]
         if missing:
             raise ConfigError(f"config.json lacks required keys: {', '.join(missing)}")
-        try:
-            return cls(**kw)
-        except TypeError as e:  # wrong value types
-            raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
+        hd = cfg.get("head_dim")
+        if hd is not None and _typed("head_dim", hd, int) != kw["hidden_size"] // kw["num_attention_heads"]:
+            raise ConfigError(f"head_dim {hd} disagrees with hidden_size / num_attention_heads = "
+                              f"{kw['hidden_size'] // kw['num_attention_heads']}")
+        return cls(**kw)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The `config.json` transformers writes for this model (Qwen2Config / Qwen2MoeConfig)."""
@@ -220,6 +243,58 @@ class ModelArgs:
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
+
+
+# ---- typed reading of config.json values ----------------------------------------------------------------------
+_FIELD_TYPES: dict[str, type] = {
+    "vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
+    "num_attention_heads": int, "num_key_value_heads": int, "max_position_embeddings": int, "rope_theta": float,
+    "rms_norm_eps": float, "tie_word_embeddings": bool, "bos_token_id": int, "eos_token_id": int,
+    "num_experts": int, "num_experts_per_tok": int, "moe_intermediate_size": int,
+    "shared_expert_intermediate_size": int, "norm_topk_prob": bool, "decoder_sparse_step": int,
+}
+_BIGGEST = 2**40  # no dimension, id or length of a real model comes near this; larger values are damage
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _typed(key: str, v: Any, typ: type) -> Any:
+    """`v` as `typ` (int: an integer, or a float with an integral value; float: any finite number; bool: a boolean),
+    else a ConfigError naming `key`."""
+    if typ is bool:
+        if isinstance(v, bool):
+            return v
+    elif typ is int:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            if abs(v) > _BIGGEST:
+                raise ConfigError(f"{key} is {v}, far beyond any Qwen2 model")
+            return v
+    elif typ is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v) or abs(v) > 1e30:
+                raise ConfigError(f"{key} must be a finite number, got {v}")
+            return float(v)
+    expected = {bool: "true or false", int: "an integer", float: "a number"}[typ]
+    raise ConfigError(f"{key} must be {expected}, got {_kind(v)} {json_repr(v)}")
+
+
+def json_repr(v: Any, limit: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _section(cfg: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    v = cfg.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{key} must be an object or null, got {_kind(v)} {json_repr(v)}")
+    return v
 
 
 # ---- the published sizes ---------------------------------------------------------------------------------------
@@ -300,32 +375,33 @@ def from_gguf_metadata(meta: Mapping[str, Any], vocab_size: int, has_output: boo
     if arch not in ("qwen2", "qwen2moe"):
         raise ConfigError(f"GGUF general.architecture is {arch!r}; expected 'qwen2' or 'qwen2moe'")
 
-    def get(key: str, default: Any = None) -> Any:
+    def get(key: str, default: Any = None, typ: type = int) -> Any:
         v = meta.get(f"{arch}.{key}", default)
         if v is None:
             raise ConfigError(f"GGUF metadata lacks {arch}.{key}")
-        return v
+        return _typed(f"GGUF metadata {arch}.{key}", v.item() if hasattr(v, "item") else v, typ)
+
+    def tok(key: str, default: int) -> int:
+        v = meta.get(f"tokenizer.ggml.{key}", default)
+        return _typed(f"GGUF metadata tokenizer.ggml.{key}", v.item() if hasattr(v, "item") else v, int)
 
     kw: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=int(get("embedding_length")),
-        intermediate_size=int(get("feed_forward_length", 0)) or 1,
-        num_hidden_layers=int(get("block_count")), num_attention_heads=int(get("attention.head_count")),
-        num_key_value_heads=int(get("attention.head_count_kv", get("attention.head_count"))),
-        max_position_embeddings=int(get("context_length")), rope_theta=float(get("rope.freq_base", 1e6)),
+        vocab_size=vocab_size, hidden_size=get("embedding_length"),
+        intermediate_size=get("feed_forward_length", 0) or 1,
+        num_hidden_layers=get("block_count"), num_attention_heads=get("attention.head_count"),
+        num_key_value_heads=get("attention.head_count_kv", meta.get(f"{arch}.attention.head_count")),
+        max_position_embeddings=get("context_length"), rope_theta=get("rope.freq_base", 1e6, float),
         # GGUF stores eps as float32: 1e-6 reads back as 9.99999997e-07; round to the value it was written from.
-        rms_norm_eps=float(f"{float(get('attention.layer_norm_rms_epsilon')):.6g}"),
+        rms_norm_eps=float(f"{get('attention.layer_norm_rms_epsilon', None, float):.6g}"),
         tie_word_embeddings=not has_output,
-        bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 151643)),
-        eos_token_id=int(meta.get("tokenizer.ggml.eos_token_id", 151645)),
+        bos_token_id=tok("bos_token_id", 151643), eos_token_id=tok("eos_token_id", 151645),
     )
     if meta.get(f"{arch}.rope.scaling.type") == "yarn":
-        kw["rope_scaling"] = RopeScaling("yarn", float(get("rope.scaling.factor")),
-                                         int(get("rope.scaling.original_context_length")))
+        kw["rope_scaling"] = RopeScaling("yarn", get("rope.scaling.factor", None, float),
+                                         get("rope.scaling.original_context_length"))
     if arch == "qwen2moe":
-        kw.update(num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
-                  moe_intermediate_size=int(get("expert_feed_forward_length")),
-                  shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length", 0)),
+        kw.update(num_experts=get("expert_count"), num_experts_per_tok=get("expert_used_count"),
+                  moe_intermediate_size=get("expert_feed_forward_length"),
+                  shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0),
                   norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", False)))
-    if not math.isfinite(kw["rope_theta"]):
-        raise ConfigError("GGUF rope.freq_base is not finite")
     return ModelArgs(**kw)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, \
     processors
 
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json
 
 # The split regex of Qwen2's tokenizer.json (llama.cpp `pre=qwen2`).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -41,7 +41,9 @@ class Tokenizer:
         except Exception as e:
             raise CheckpointError(f"{tj}: not a readable tokenizer.json ({e})") from None
         cfg_path = path / "tokenizer_config.json"
-        config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        config = read_json(cfg_path) if cfg_path.exists() else {}
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg_path}: expected a JSON object")
         return cls(tk, config)
 
     @classmethod
@@ -51,9 +53,23 @@ class Tokenizer:
         if model != "gpt2":
             raise CheckpointError(f"{src.path}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) "
                                   "tokenizers can be rebuilt")
-        tokens: list[str] = src.field("tokenizer.ggml.tokens")
-        types: list[int] = src.field("tokenizer.ggml.token_type")
-        merges = [tuple(m.split(" ", 1)) for m in src.field("tokenizer.ggml.merges")]
+        tokens, types, merges = (src.field(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "merges"))
+        if not (isinstance(tokens, list) and isinstance(types, list) and isinstance(merges, list)
+                and len(tokens) == len(types) and all(isinstance(t, str) for t in tokens)
+                and all(isinstance(t, int) for t in types) and all(isinstance(m, str) for m in merges)):
+            raise CheckpointError(f"{src.path}: GGUF tokenizer metadata is damaged (tokenizer.ggml.tokens, "
+                                  "token_type and merges must be lists of strings / ints of matching length)")
+        try:
+            return cls._from_gguf_lists(src, tokens, types, merges)
+        except CheckpointError:
+            raise
+        except Exception as e:  # damaged metadata surfaces as index/type errors from the lists or tokenizers
+            raise CheckpointError(f"{src.path}: GGUF tokenizer metadata is damaged ({type(e).__name__}: "
+                                  f"{str(e)[:80]})") from None
+
+    @classmethod
+    def _from_gguf_lists(cls, src, tokens: list[str], types: list[int], merges_text: list[str]) -> "Tokenizer":
+        merges = [tuple(m.split(" ", 1)) for m in merges_text]
         vocab = {t: i for i, t in enumerate(tokens) if types[i] == _NORMAL}
         tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
                                     byte_fallback=False, dropout=None))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import ModelArgs
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json
 
 
 class WeightSource(Protocol):
@@ -98,6 +98,60 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "BOOL": torch.bool}
 
 
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def parse_safetensors_header(raw: bytes, n: int, file_size: int, where: object
+                             ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """A safetensors header (`n` = its declared length, `raw` = its bytes) checked against a `file_size`-byte file:
+    name -> (dtype, shape, absolute byte offset, byte length). Every way a header can be damaged (length, JSON,
+    types, unknown dtype, offsets that run backwards, overlap or leave the file, a byte length that disagrees with
+    dtype x shape) is a CheckpointError naming `where` and the tensor; nothing else escapes."""
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{where}: not a valid safetensors file: {msg}")
+
+    if not 2 <= n <= min(file_size - 8, MAX_HEADER) or len(raw) != n:
+        raise bad(f"header length {n} does not fit a {file_size}-byte file")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"header is not JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    base = 8 + n
+    out: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            if not isinstance(h, dict):
+                raise bad("__metadata__ is not an object")
+            continue
+        if not isinstance(h, dict):
+            raise bad(f"entry for tensor {name} is not an object")
+        dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise bad(f"tensor {name} has dtype {dtype!r}; expected one of {', '.join(_ST_DTYPES)}")
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+            raise bad(f"tensor {name} has shape {str(shape)[:40]}; expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise bad(f"tensor {name} has data_offsets {str(offsets)[:40]}; expected [begin, end]")
+        start, end = offsets
+        if not 0 <= start <= end:
+            raise bad(f"tensor {name} has data_offsets [{start}, {end}] that run backwards")
+        if base + end > file_size:
+            raise bad(f"truncated: tensor {name} ends at byte {base + end}, the file has {file_size}")
+        want = _ST_DTYPES[dtype].itemsize
+        for d in shape:
+            want *= d
+        if end - start != want:
+            raise bad(f"tensor {name} holds {end - start} bytes, but {dtype} {shape} needs {want}")
+        out[name] = (_ST_DTYPES[dtype], tuple(shape), base + start, end - start)
+    spans = sorted((o, o + ln, name) for name, (_, _, o, ln) in out.items() if ln)
+    for (_, e0, a), (s1, _, b) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise bad(f"tensors {a} and {b} overlap")
+    return out
+
+
 class SafetensorsSource:
     """A single `model.safetensors`, a sharded folder (`model.safetensors.index.json`), or one `.safetensors` file.
 
@@ -113,10 +167,12 @@ class SafetensorsSource:
             index_path = self.path / "model.safetensors.index.json"
             single = self.path / "model.safetensors"
             if index_path.exists():
-                try:
-                    weight_map = json.loads(index_path.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+                raw_index = read_json(index_path)
+                weight_map = raw_index.get("weight_map") if isinstance(raw_index, dict) else None
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+                    raise CheckpointError(f"{index_path}: not a valid safetensors index (expected "
+                                          '{"weight_map": {tensor name: shard file name in this folder}})')
                 index = {n: self.path / f for n, f in weight_map.items()}
                 files = sorted(set(index.values()))
             elif single.exists():
@@ -140,31 +196,15 @@ class SafetensorsSource:
 
     @staticmethod
     def _read_header(f: Path) -> dict:
-        size = f.stat().st_size
         try:
+            size = f.stat().st_size
             with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if not 2 <= n <= min(size - 8, 100 * 2**20):
-                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
-                header = json.loads(fh.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-        base = 8 + n
-        out = {}
-        for name, h in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = _ST_DTYPES[h["dtype"]]
-                start, end = (int(x) for x in h["data_offsets"])
-                shape = tuple(int(x) for x in h["shape"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{f}: bad header entry for tensor {name} ({e})") from None
-            if base + end > size:
-                raise CheckpointError(f"{f}: truncated: tensor {name} ends at byte {base + end}, "
-                                      f"the file has {size}")
-            out[name] = (f, dtype, shape, base + start, end - start)
-        return out
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                raw = fh.read(n) if 2 <= n <= min(size - 8, MAX_HEADER) else b""
+        except OSError as e:
+            raise CheckpointError(f"{f}: cannot read ({e.strerror or e})") from None
+        return {name: (f, *info) for name, info in parse_safetensors_header(raw, n, size, f).items()}
 
     def names(self) -> list[str]:
         return list(self._info)
@@ -194,6 +234,8 @@ class SafetensorsSource:
         if not buf:
             return torch.empty((0,) + tuple(shape[1:]), dtype=dtype)
         t = torch.frombuffer(buf, dtype=dtype)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{f}: tensor {name} holds non-finite values (NaN or inf); the file is damaged")
         return t.reshape((stop - start,) + tuple(shape[1:])) if shape else t.reshape(())
 
 
@@ -230,6 +272,65 @@ def gguf_to_hf(name: str) -> str | None:
 _GGUF_ROWS = 4096
 
 
+def _fast_gguf_reader():
+    """gguf's GGUFReader with two hot paths rewritten, same fields and tensors: its per-element reads go through
+    np.memmap.__getitem__ (slow Python), and an array-valued field is read one element at a time; a Qwen2 GGUF
+    holds 151,936 tokens, as many token types and 151,387 merges, so opening the real 0.5B took 16 s, before any
+    work. Here reads slice a plain ndarray view of the same map, and arrays of strings or scalars are walked in
+    one loop with bounds checks (a damaged length is a ValueError, as the stock reader's would be, never a read
+    past the end). Big-endian files take the stock path."""
+    import gguf
+
+    scalar = gguf.GGUFReader.gguf_scalar_to_np
+    array, string = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING
+
+    class Reader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None or plain.size != self.data.size:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            dt = np.dtype(dtype)
+            arr = plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type != array or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            if len(raw_itype) != 1 or len(alen) != 1:
+                raise ValueError("GGUF array header runs past the end of the file")
+            itype, n = int(raw_itype[0]), int(alen[0])
+            if itype != string and itype not in [int(t) for t in scalar]:
+                return super()._get_field_parts(orig_offs, raw_type)
+            plain, size = self._plain, self._plain.size
+            offs = orig_offs + 12
+            parts: list = [raw_itype, alen]
+            if itype == string:
+                mv = memoryview(plain)
+                for _ in range(n):
+                    if offs + 8 > size:
+                        raise ValueError("GGUF string array runs past the end of the file")
+                    slen = int.from_bytes(mv[offs:offs + 8], "little")
+                    if offs + 8 + slen > size:
+                        raise ValueError("GGUF string runs past the end of the file")
+                    parts += (plain[offs:offs + 8].view(np.uint64), plain[offs + 8:offs + 8 + slen])
+                    offs += 8 + slen
+                idxs = list(range(3, 2 + 2 * n + 1, 2))
+            else:
+                dt = np.dtype(scalar[gguf.GGUFValueType(itype)])
+                if offs + n * dt.itemsize > size:
+                    raise ValueError("GGUF array runs past the end of the file")
+                values = plain[offs:offs + n * dt.itemsize].view(dt)
+                parts += [values[i:i + 1] for i in range(n)]
+                offs += n * dt.itemsize
+                idxs = list(range(2, 2 + n))
+            return offs - orig_offs, parts, idxs, [gguf.GGUFValueType(raw_type), gguf.GGUFValueType(itype)]
+
+    return Reader
+
+
 class GGUFSource:
     """A GGUF file read with llama.cpp's `gguf` package; tensors dequantized to fp32 on demand."""
 
@@ -243,7 +344,7 @@ class GGUFSource:
                 magic = fh.read(4)
             if magic != b"GGUF":
                 raise CheckpointError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-            self.reader = gguf.GGUFReader(str(self.path))
+            self.reader = _fast_gguf_reader()(str(self.path))
         except CheckpointError:
             raise
         except Exception as e:  # truncated files surface as numpy / struct errors from the reader
@@ -318,9 +419,14 @@ class GGUFSource:
 
     def _dequantize(self, t, data: np.ndarray) -> np.ndarray:
         try:
-            return self._gguf.quants.dequantize(data, t.tensor_type)
+            with np.errstate(all="ignore"):  # damaged scales: reported below as one error, not numpy warnings
+                out = self._gguf.quants.dequantize(data, t.tensor_type)
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot dequantize tensor {t.name} ({e})") from None
+        if not np.isfinite(out).all():
+            raise CheckpointError(f"{self.path}: tensor {t.name} holds non-finite values (NaN or inf) after "
+                                  "dequantization; the file is damaged")
+        return out
 
 
 # ---- random weights ---------------------------------------------------------------------------------------------
@@ -376,7 +482,7 @@ def load_into(model: torch.nn.Module, source: WeightSource, cfg: ModelArgs, prog
 
     params = dict(model.named_parameters(remove_duplicate=False))
     names = validate(source, cfg)
-    it = track(names, f"loading {source.path.name}") if progress else names
+    it = track(names, f"loading {source.path.name}", unit="tensors") if progress else names
     with torch.no_grad():
         for n in it:
             pname, idx = param_slot(n)

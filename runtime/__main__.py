@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 import devices
-from qwen2_ref.__main__ import run_cli
+from qwen2_ref.__main__ import CONTEXT, run_cli, text_option, version
 
 
 def session_options(f):
@@ -18,19 +19,30 @@ def session_options(f):
     f = click.option("--threads", type=click.IntRange(0), default=None, help="Intra-op threads (0: ORT's default).")(f)
     f = click.option("--prefill-chunk", type=click.IntRange(0), default=None,
                      help="Prompt tokens per forward step (0: the whole prompt).")(f)
-    f = click.option("--profile", "profile_prefix", default=None,
-                     help="Write ONNX Runtime's JSON profile with this file prefix.")(f)
+    f = click.option("--trace", "profile_prefix", default=None, metavar="PREFIX",
+                     help="Write ONNX Runtime's per-node timing trace (JSON) to PREFIX_<date>.json.")(f)
     return f
 
 
 def settings_from(device, provider, threads, prefill_chunk, profile_prefix):
+    from pathlib import Path
+
+    from qwen2_ref.errors import Qwen2Error
+
     from .session import SessionSettings
+
+    if profile_prefix is not None:  # ONNX Runtime writes PREFIX_<date>.json at the end: check the folder now
+        where = Path(profile_prefix).expanduser().parent
+        if not str(Path(profile_prefix).name) or not where.is_dir() or not os.access(where, os.W_OK):
+            raise Qwen2Error(f"--trace {profile_prefix}: {where} is not a writable folder; ONNX Runtime could not "
+                             "write its trace there")
 
     base = SessionSettings.from_profile(device) if device else SessionSettings()
     return base.with_(providers=provider, threads=threads, prefill_chunk=prefill_chunk, profile_prefix=profile_prefix)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT)
+@click.version_option(version(), "--version", prog_name="qwen2-run")
 def cli() -> None:
     """ONNX Runtime runner for qwen2-export folders."""
 
@@ -56,10 +68,13 @@ def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, to
     from .folder import open_export, require_tokenizer
     from .runner import Runner
 
+    prompt, system = text_option("--prompt", prompt), text_option("--system", system)
+    stop_strings = [text_option("--stop", s) for s in stop_strings]
+    settings = settings_from(device, provider, threads, prefill_chunk, profile_prefix)
     t0 = time.perf_counter()
     folder = open_export(model)
     require_tokenizer(folder)
-    r = Runner(folder, settings_from(device, provider, threads, prefill_chunk, profile_prefix))
+    r = Runner(folder, settings)
     load_s = time.perf_counter() - t0
     params = r.default_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop_strings))
@@ -78,7 +93,7 @@ def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, to
                f"{s.decode_tok_s:.1f} tok/s | {s.finish[0] if s.finish else '-'}]", err=True)
     prof = r.end_profiling()
     if prof:
-        click.echo(f"ONNX Runtime profile: {prof}", err=True)
+        click.echo(f"ONNX Runtime trace: {prof}", err=True)
 
 
 @cli.command()
@@ -95,6 +110,11 @@ def bench(model, prompt_tokens, new_tokens, runs, as_json, device, provider, thr
 
     print_result(run_bench(model, settings_from(device, provider, threads, prefill_chunk, profile_prefix),
                            prompt_tokens, new_tokens, runs), as_json)
+
+
+def main() -> None:
+    """The `qwen2-run` console script (the same as `python -m runtime`)."""
+    run_cli(cli, prog_name="qwen2-run")
 
 
 if __name__ == "__main__":

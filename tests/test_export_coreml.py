@@ -171,7 +171,8 @@ def test_cli_export_and_errors(make_hf_checkpoint, tmp_path):
     report = json.loads((out / "export_report.json").read_text())
     assert report["dtype"] == "fp16" and report["device_profile"] == "iphone-15-pro" and report["parity"]["passed"]
     r = run("--checkpoint", str(folder), "--dtype", "fp16", "--out", str(out))
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"error: {out} exists; pass --overwrite or choose another --out"
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        f"error: --out {out} exists; pass --overwrite to replace it, or choose another --out"
     r = run("--checkpoint", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "nope.gguf: no such file or folder" in r.stderr and "Traceback" not in r.stderr
     r = run("--size", "0.5b", "--device", "pixel-8", "--out", str(tmp_path / "y"))

@@ -151,3 +151,25 @@ def test_cli_gives_one_line_error_not_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "qwen2_ref", "generate", "--size", "3b", "--prompt", "x"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "'3b' is not one of" in r.stderr
+
+
+def test_fast_gguf_reader_reads_what_gguf_reads(tmp_path):
+    """The reader GGUFSource uses (gguf's, with its per-element hot paths rewritten) returns the same fields, values
+    and tensors as gguf.GGUFReader, on a file with string, int and float arrays."""
+    import gguf
+
+    from qwen2_ref.weights import _fast_gguf_reader
+    from tests.damaged import write_tiny_gguf
+
+    path = str(write_tiny_gguf(tmp_path / "t.gguf"))
+    fast, stock = _fast_gguf_reader()(path), gguf.GGUFReader(path)
+    assert list(fast.fields) == list(stock.fields) and "tokenizer.ggml.tokens" in fast.fields
+    for key, f in fast.fields.items():
+        g = stock.fields[key]
+        assert f.contents() == g.contents() and f.types == g.types and f.data == g.data, key
+        assert [p.tobytes() for p in f.parts] == [p.tobytes() for p in g.parts], key
+    assert fast.data_offset == stock.data_offset
+    for t, u in zip(fast.tensors, stock.tensors, strict=True):
+        assert (t.name, t.tensor_type, t.data_offset, t.shape.tolist()) == \
+            (u.name, u.tensor_type, u.data_offset, u.shape.tolist())
+        assert t.data.tobytes() == u.data.tobytes()

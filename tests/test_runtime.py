@@ -260,7 +260,7 @@ def test_corrupt_export_is_a_clear_error(tiny, tmp_path, monkeypatch, capsys):
     assert code == 2 and "ONNX Runtime cannot load it" in out.err
     (bad / "config.json").write_text("{not json")
     code, out = run_main(monkeypatch, capsys, "bench", "--model", str(bad))
-    assert code == 2 and "config.json: not readable JSON" in out.err
+    assert code == 2 and "config.json: not valid JSON" in out.err
 
 
 def test_random_export_has_no_tokenizer_for_text(tiny, monkeypatch, capsys):

@@ -16,7 +16,8 @@ import onnx_ir as ir
 import torch
 
 from qwen2_ref.checkpoint import Checkpoint, empty_model
-from qwen2_ref.progress import console, status
+from qwen2_ref.errors import Qwen2Error
+from qwen2_ref.progress import counter, status
 from qwen2_ref.weights import expected_tensors, load_into
 
 from ..calibrate import calibrate_checkpoint, keep_exact
@@ -98,16 +99,30 @@ def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int
     model.metadata_props.update({"qwen2_export.dtype": prec.name, "qwen2_export.source": str(ckpt.path),
                                  "qwen2_export.config": json.dumps(cfg.to_hf_config())})
     n_init = len(model.graph.initializers)
-    written = [0]
-
-    def progress(tensor, info) -> None:
-        written[0] += 1
-        if console.is_terminal and written[0] % 16 == 0:
-            console.print(f"  writing weights {info.index + 1}/{info.total}", end="\r")
-
-    status(f"writing {n_init} tensors to {folder.name}/model.onnx.data (streamed) ...")
+    # What ir.save streams into model.onnx.data: the initializers over `inline` bytes; the others stay in model.onnx.
+    inline = 256
+    external = [v.const_value for g in model.graphs() for v in g.initializers.values()
+                if v.const_value is not None and v.const_value.nbytes > inline]
+    # Messages name the destination (--out), never the hidden folder the export is staged in.
+    where = f"{plan.out}/model.onnx.data" if num_layers is None else f"the gate's {num_layers}-layer model.onnx.data"
     t1 = time.perf_counter()
-    ir.save(model, folder / "model.onnx", external_data="model.onnx.data", callback=progress)
+    with counter(f"writing {where}", len(external), "tensors",
+                 detail=f"{sum(t.nbytes for t in external) / 2**20:.1f} MiB; {n_init - len(external)} "
+                        f"initializers of {inline} B or less stay inline in model.onnx") as meter:
+        started = [0]
+
+        def progress(tensor, info) -> None:  # called as each tensor starts: the ones before it are written
+            if info.total != meter.total:
+                meter.set_total(info.total)
+            meter.update(started[0])
+            started[0] += 1
+
+        try:
+            ir.save(model, folder / "model.onnx", external_data="model.onnx.data", callback=progress,
+                    size_threshold_bytes=inline)
+        except Exception as e:  # onnx_ir wraps what a streamed tensor raised (damaged data, a full disk)
+            raise _root_cause(e) from None
+        meter.update(started[0])
     t_write = time.perf_counter() - t1
     write_metadata(folder, cfg, prec, plan.context)
     quantized = {u.source: {"bits": u.spec.bits, "block": u.spec.block, "from": u.spec.source}
@@ -116,6 +131,16 @@ def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int
     return {"ops": ops_histogram(model), "trace_s": round(t_trace, 2), "write_s": round(t_write, 2),
             "initializers": n_init, "quantized": quantized, "layers": cfg.num_hidden_layers,
             "lowering": plan.lowering, "fusions": fusions, "calibration": calibration}
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The user error (Qwen2Error) or system error (OSError) inside a wrapped exception chain, else `e` itself."""
+    c: BaseException | None = e
+    while c is not None:
+        if isinstance(c, (Qwen2Error, OSError)):
+            return c
+        c = c.__cause__ or c.__context__
+    return e
 
 
 def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers: int | None
