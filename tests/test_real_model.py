@@ -60,8 +60,10 @@ def test_greedy_matches_llama_cpp(real_model, real_tokenizer):
 
 
 def test_generate_cli_prints_fibonacci():
-    r = subprocess.run([sys.executable, "-m", "qwen2_ref", "generate", "--prompt", PROMPT, "--max-new-tokens", "64"],
+    """The CLI around the reference (the 64-token text itself is test_greedy_matches_llama_cpp's): 16 tokens."""
+    r = subprocess.run([sys.executable, "-m", "qwen2_ref", "generate", "--prompt", PROMPT, "--max-new-tokens", "16"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(LLAMA_CPP_GREEDY)
+    text = r.stdout.rstrip("\n")
+    assert len(text) > len(PROMPT) + 20 and LLAMA_CPP_GREEDY.startswith(text), text
     assert "decode" in r.stderr and "tok/s" in r.stderr
