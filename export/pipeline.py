@@ -60,9 +60,10 @@ def run_export(ckpt: Checkpoint, plan: ExportPlan, target: Target) -> dict:
     if need is not None:
         require_memory(*need)
     tokenizer = functools.cache(ckpt.tokenizer)  # built now: a damaged tokenizer fails before any work
-    if tokenizer() is None and ckpt.kind != "random":
-        status(f"note: {ckpt.path} has no tokenizer: the export will run on token ids, but `runtime generate` and "
-               "onnxruntime-genai need one to turn text into ids")
+    if tokenizer() is None:  # said before the work: the export will not generate text from a prompt
+        what = "random weights have" if ckpt.kind == "random" else f"{ckpt.path} has"
+        status(f"note: {what} no tokenizer: the export runs on token ids, but `qwen2-run generate` and "
+               "onnxruntime-genai's Tokenizer need one to turn text into ids")
     t0 = time.perf_counter()
     report: dict = {"format": plan.target, "size": ckpt.size, "model_type": cfg.model_type,
                     "dtype": plan.precision.name, "source": str(ckpt.path), "source_kind": ckpt.kind,
