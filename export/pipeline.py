@@ -21,7 +21,7 @@ from qwen2_ref.tokenizer import Tokenizer
 from qwen2_ref.weights import validate
 
 from .gate import GateSubject, gate_prompts, require_memory, run_gate
-from .output import REPORT, check_destination, staged_folder
+from .output import REPORT, staged_folder
 from .plan import ExportPlan
 from .sizing import weight_bytes
 
@@ -49,27 +49,25 @@ class Target(Protocol):
 def run_export(ckpt: Checkpoint, plan: ExportPlan, target: Target) -> dict:
     """Export `ckpt` as `plan` says; returns the report (also written to `export_report.json` in the folder)."""
     cfg = ckpt.config
-    # Every check that can fail fast, before any work: the destination (not the input, writable, room for the
-    # estimated size), names and shapes, what the target refuses, memory.
     inputs = () if ckpt.kind == "random" else (ckpt.path,)
-    need_bytes = weight_bytes(cfg, plan.precision, plan.lowering)[0]
-    check_destination(plan.out, plan.overwrite, inputs, need_bytes)
-    validate(ckpt.source, cfg)
-    target.check(ckpt, plan)
-    need = target.memory_needed(ckpt, plan)
-    if need is not None:
-        require_memory(*need)
-    tokenizer = functools.cache(ckpt.tokenizer)  # built now: a damaged tokenizer fails before any work
-    if tokenizer() is None:  # said before the work: the export will not generate text from a prompt
-        what = "random weights have" if ckpt.kind == "random" else f"{ckpt.path} has"
-        status(f"note: {what} no tokenizer: the export runs on token ids, but `qwen2-run generate` and "
-               "onnxruntime-genai's Tokenizer need one to turn text into ids")
-    t0 = time.perf_counter()
-    report: dict = {"format": plan.target, "size": ckpt.size, "model_type": cfg.model_type,
-                    "dtype": plan.precision.name, "source": str(ckpt.path), "source_kind": ckpt.kind,
-                    "device_profile": plan.profile.name if plan.profile else None, "context": plan.context,
-                    "plan": plan.describe(), "config": cfg.to_hf_config()}
-    with staged_folder(plan.out, plan.overwrite, inputs, need_bytes) as tmp:
+    # Every check that can fail fast, before any work: the destination (staged_folder: not the input, writable,
+    # room for the estimated size), names and shapes, what the target refuses, memory, the tokenizer.
+    with staged_folder(plan.out, plan.overwrite, inputs, weight_bytes(cfg, plan.precision, plan.lowering)[0]) as tmp:
+        validate(ckpt.source, cfg)
+        target.check(ckpt, plan)
+        need = target.memory_needed(ckpt, plan)
+        if need is not None:
+            require_memory(*need)
+        tokenizer = functools.cache(ckpt.tokenizer)
+        if tokenizer() is None:  # said before the work: the export will not generate text from a prompt
+            what = "random weights have" if ckpt.kind == "random" else f"{ckpt.path} has"
+            status(f"note: {what} no tokenizer: the export runs on token ids, but `qwen2-run generate` and "
+                   "onnxruntime-genai's Tokenizer need one to turn text into ids")
+        t0 = time.perf_counter()
+        report: dict = {"format": plan.target, "size": ckpt.size, "model_type": cfg.model_type,
+                        "dtype": plan.precision.name, "source": str(ckpt.path), "source_kind": ckpt.kind,
+                        "device_profile": plan.profile.name if plan.profile else None, "context": plan.context,
+                        "plan": plan.describe(), "config": cfg.to_hf_config()}
         report |= target.build(ckpt, plan, tmp, tokenizer)
         report["export_peak_rss_mib"] = round(peak_rss_mib())
         tok = tokenizer()
