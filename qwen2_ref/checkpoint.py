@@ -3,7 +3,6 @@ and choosing one when the user names only a size."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,18 +32,13 @@ class Checkpoint:
     def size(self) -> str | None:
         return size_of(self.config)
 
-    def tokenizer_file(self) -> Path | None:
-        """A Hugging Face checkpoint's tokenizer.json, if it has one."""
-        tj = (self.path if self.path.is_dir() else self.path.parent) / "tokenizer.json"
-        return tj if self.kind == "hf" and tj.is_file() else None
-
     def tokenizer(self) -> Tokenizer | None:
         if self.kind == "random":  # no files behind it (and never a stray tokenizer.json from the cwd)
             return None
         if self.kind == "gguf":
             return Tokenizer.from_gguf(self.source) if self.source.field("tokenizer.ggml.model") is not None else None
-        tj = self.tokenizer_file()
-        return None if tj is None else Tokenizer.from_dir(tj.parent)
+        folder = self.path if self.path.is_dir() else self.path.parent
+        return Tokenizer.from_dir(folder) if (folder / "tokenizer.json").is_file() else None
 
     def load_model(self, dtype: torch.dtype = torch.float32, progress: bool = True) -> Qwen2ForCausalLM:
         model = empty_model(self.config, dtype)

@@ -8,6 +8,7 @@ one at a time, in row blocks (a stacked GGUF expert tensor one expert at a time)
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -272,6 +273,7 @@ def gguf_to_hf(name: str) -> str | None:
 _GGUF_ROWS = 4096
 
 
+@functools.cache  # one class, built on the first GGUF opened
 def _fast_gguf_reader():
     """gguf's GGUFReader with two hot paths rewritten, same fields and tensors: its per-element reads go through
     np.memmap.__getitem__ (slow Python), and an array-valued field is read one element at a time; a Qwen2 GGUF

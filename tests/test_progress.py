@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 import zipfile
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
