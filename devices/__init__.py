@@ -19,9 +19,12 @@ class DeviceProfile:
     runtime: str  # "onnx" | "coreml"
     memory_gib: float
     bandwidth_gbs: float
-    default_dtype: str
+    default_dtype: str  # a --dtype, or "auto": the first of `auto_dtypes` whose weights and KV cache fit
     default_context: int
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    auto_dtypes: tuple[str, ...] = ()  # default_dtype "auto": the precisions to try, best first
+    activations: str | None = None  # quantized ONNX precisions compute in this (None: their own dtype)
+    attention: str | None = None  # ONNX fused attention's batch layout, "bias" | "seqlens" (None: "bias")
     threads: int = 0  # 0: ONNX Runtime's default
     onnx_lowering: str = "fused"  # ONNX export: "fused" (ORT contrib kernels) or "function" (portable)
     prefill_chunk: int = 0  # runner: prompt tokens per forward step (bounds attention memory); 0: whole prompt
@@ -36,9 +39,12 @@ def profiles() -> dict[str, DeviceProfile]:
     out = {}
     for name, d in data.items():
         d = dict(d)
-        if "execution_providers" in d:
-            d["execution_providers"] = tuple(d["execution_providers"])
+        for k in ("execution_providers", "auto_dtypes"):
+            if k in d:
+                d[k] = tuple(d[k])
         out[name] = DeviceProfile(name=name, **d)
+        if out[name].default_dtype == "auto" and not out[name].auto_dtypes:
+            raise ValueError(f"{_FILE}: [{name}] default_dtype = \"auto\" needs auto_dtypes")
     return out
 
 

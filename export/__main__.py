@@ -54,8 +54,16 @@ def cli() -> None:
 @click.option("--checkpoint", type=click.Path(), help="Hugging Face folder or .gguf file.")
 @click.option("--dtype", type=click.Choice(precision.names("onnx")), default=None,
               help=_dtype_help("onnx", "Default: the device profile's, else fp32."))
+@click.option("--activations", type=click.Choice(list(precision.ACTIVATIONS)), default=None,
+              help="int4: the dtype the graph computes in and caches keys and values in. Default: the device "
+                   "profile's (fp16 on CUDA profiles: ONNX Runtime's CUDA attention has no fp32 kernel), else fp32.")
+@click.option("--attention", type=click.Choice(["bias", "seqlens"]), default=None,
+              help="Fused lowering: how attention sees a padded batch. bias: left padding and a padding bias "
+                   "(optimum's convention); seqlens: per-row lengths and no bias (onnxruntime-genai's; what ONNX "
+                   "Runtime's fast CUDA attention takes; optimum must not batch it). Default: the device "
+                   "profile's, else bias.")
 @click.option("--device", "device", type=click.Choice(list(devices.profiles())), default=None,
-              help="Device profile that sets the defaults.")
+              help="Device profile that sets the defaults (GPU profiles pick the best --dtype that fits).")
 @click.option("--out", type=click.Path(), default=None, help="Output folder (default ./exports/qwen2-SIZE-DTYPE).")
 @click.option("--max-context", "context", type=click.IntRange(1), default=None,
               help="Context length recorded for runtimes.")
@@ -104,26 +112,31 @@ def coreml(size, checkpoint, random_weights, no_verify, **flags):
 @click.option("--size", type=click.Choice(list(SIZES)), required=True)
 @click.option("--device", "device", type=click.Choice(list(devices.profiles())), required=True)
 @click.option("--dtype", type=click.Choice(sorted({n for t in precision.TARGETS for n in precision.names(t)})),
-              default=None, help="A precision of the profile's runtime. Default: the profile's.")
+              default=None, help="The precision to mark as chosen. Default: the profile's (GPU profiles: the best "
+                                 "that fits).")
+@click.option("--activations", type=click.Choice(list(precision.ACTIVATIONS)), default=None,
+              help="ONNX int4's activations. Default: the profile's.")
 @click.option("--max-context", type=click.IntRange(1), default=None)
-def plan(size, device, dtype, max_context):
-    """Will it fit, and how fast can it decode? Memory and bandwidth bounds for a size on a device."""
+def plan(size, device, dtype, activations, max_context):
+    """Will it fit, and how fast can it decode? Every precision of the device's runtime: weights, KV cache at the
+    context, fits or not, and the decode bounds from memory bandwidth; `*` marks what `export` would make."""
     from rich.console import Console
     from rich.table import Table
 
     from .sizing import plan_for
 
-    p, notes = plan_for(size, device, dtype, max_context)
+    rows, notes = plan_for(size, device, dtype, max_context, activations)
     for note in notes:
         click.echo(f"note: {note}", err=True)
     prof = devices.get(device)
-    t = Table(title=f"Qwen2 {size} on {device} ({prof.description})")
-    for col in ("dtype", "context", "weights GiB", "KV cache GiB", "total GiB", "budget GiB", "fits",
+    t = Table(title=f"Qwen2 {size} on {device} ({prof.description}), context {rows[0]['context']}")
+    for col in ("", "dtype", "weights GiB", "KV cache GiB", "total GiB", "budget GiB", "fits",
                 "decode tok/s ≤ (short)", "decode tok/s ≤ (full ctx)"):
         t.add_column(col, justify="right")
-    t.add_row(p["dtype"], str(p["context"]), f"{p['weights_gib']:.2f}", f"{p['kv_cache_gib']:.2f}",
-              f"{p['total_gib']:.2f}", f"{p['budget_gib']:.1f}", "yes" if p["fits"] else "NO",
-              f"{p['decode_bound_short_tok_s']:.1f}", f"{p['decode_bound_full_context_tok_s']:.1f}")
+    for p in rows:
+        t.add_row("*" if p["chosen"] else "", p["dtype"], f"{p['weights_gib']:.2f}", f"{p['kv_cache_gib']:.2f}",
+                  f"{p['total_gib']:.2f}", f"{p['budget_gib']:.1f}", "yes" if p["fits"] else "NO",
+                  f"{p['decode_bound_short_tok_s']:.1f}", f"{p['decode_bound_full_context_tok_s']:.1f}")
     Console(width=160).print(t)
 
 

@@ -65,7 +65,8 @@ def run_export(ckpt: Checkpoint, plan: ExportPlan, target: Target) -> dict:
                    "onnxruntime-genai's Tokenizer need one to turn text into ids")
         t0 = time.perf_counter()
         report: dict = {"format": plan.target, "size": ckpt.size, "model_type": cfg.model_type,
-                        "dtype": plan.precision.name, "source": str(ckpt.path), "source_kind": ckpt.kind,
+                        "dtype": plan.precision.name, "activations": plan.precision.activations,
+                        "source": str(ckpt.path), "source_kind": ckpt.kind,
                         "device_profile": plan.profile.name if plan.profile else None, "context": plan.context,
                         "plan": plan.describe(), "config": cfg.to_hf_config()}
         report |= target.build(ckpt, plan, tmp, tokenizer)
@@ -80,7 +81,7 @@ def run_export(ckpt: Checkpoint, plan: ExportPlan, target: Target) -> dict:
             top1 = plan.gate.tolerance is not None or not ckpt.random_weights
             prompts = gate_prompts(cfg.vocab_size, tok, plan.gate.batch)
             report["parity"] = run_gate(target.gate_subject(ckpt, plan, tmp), prompts, plan.tolerance, top1,
-                                        f"{plan.precision.name} {target.label} export")
+                                        f"{plan.precision.label} {target.label} export")
         else:
             report["parity"] = {"skipped": "--no-verify"}
         report["wall_s"] = round(time.perf_counter() - t0, 2)

@@ -20,6 +20,9 @@ from .precision import Precision
 from .tolerances import Tolerance
 
 LOWERINGS = ("fused", "function")
+# How the fused lowering's attention sees a padded batch (export/onnx/fused.py): "bias" = left padding and a padding
+# bias (optimum's convention), "seqlens" = per-row lengths and no bias (onnxruntime-genai's; ORT's fast CUDA paths)
+ATTENTION = ("bias", "seqlens")
 # ONNX 4-bit quantizers (--quantizer) and the recipe each one puts in the plan
 QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "rtn": "requantize"}
 # exact: a GGUF's own blocks (no re-quantization error), floats round-to-nearest. Not "calibrated" yet: on the
@@ -31,7 +34,7 @@ DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile sa
 }
 CONTEXT_FLAG = {"onnx": "--max-context", "coreml": "--context"}
 COMMAND = {"onnx": "python -m export onnx", "coreml": "python -m export coreml"}
-RUNTIME_NAME = {"onnx": "ONNX", "coreml": "Core ML"}
+RUNTIME_NAME = precisions.RUNTIME
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class ExportPlan:
     overwrite: bool = False
     overrides: tuple[str, ...] = field(default=())  # "--dtype fp16 overrides device profile l4's int4", ...
     calibration: Path | None = None  # the calibrated recipe's text (None: the one shipped in export/data)
+    attention: str = "bias"  # ONNX fused lowering: "bias" | "seqlens" (ATTENTION)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -66,8 +70,10 @@ class ExportPlan:
 
     def describe(self) -> dict:
         """The plan as the export report records it."""
-        return {"format": self.target, "dtype": self.precision.name, "recipe": self.recipe,
-                "lowering": self.lowering, "context": self.context,
+        return {"format": self.target, "dtype": self.precision.name, "activations": self.precision.activations,
+                "recipe": self.recipe,
+                "lowering": self.lowering, "attention": self.attention if self.target == "onnx" else None,
+                "context": self.context,
                 "calibration": (str(self.calibration) if self.calibration else "export/data/calibration.txt")
                 if self.recipe == "calibrated" else None,
                 "device_profile": self.profile.name if self.profile else None,
@@ -97,20 +103,50 @@ def target_profile(target: str, device: str | devices.DeviceProfile | None) -> d
     return prof
 
 
+def _precision(target: str, cfg, prof: devices.DeviceProfile | None, dtype: str | None, activations: str | None,
+               context: int, lowering: str | None, notes: list[str]) -> Precision:
+    """--dtype and --activations, else the profile's (default_dtype "auto": the best that fits), else the
+    target's default."""
+    from . import sizing
+
+    if prof is None:
+        return precisions.get(target, dtype or DEFAULTS[target]["dtype"]).with_activations(activations)
+    if dtype is None and prof.default_dtype == "auto":
+        return sizing.choose(cfg, prof, context, lowering, activations)
+    name = dtype if prof.default_dtype == "auto" else settle("--dtype", dtype, prof.default_dtype, prof, notes)
+    what = "--dtype" if dtype is not None else f"device profile {prof.name}'s default_dtype"
+    return sizing.precision_for(prof, name, activations, what, notes)
+
+
+def _attention(cfg, prof: devices.DeviceProfile | None, attention: str | None, lowering: str,
+               notes: list[str]) -> str:
+    """--attention, else the profile's, else "bias". "seqlens" needs GroupQueryAttention in every layer (the fused
+    lowering, no Dual Chunk Attention): asked for by flag otherwise, it is refused; by a profile, it is dropped."""
+    if attention is not None and attention not in ATTENTION:
+        raise Qwen2Error(f"--attention {attention!r} is not one of {', '.join(ATTENTION)}")
+    layout = settle("--attention", attention, prof.attention if prof else None, prof, notes) or "bias"
+    if layout == "seqlens" and (lowering != "fused" or cfg.dual_chunk_attention_config is not None):
+        why = "Dual Chunk Attention layers" if lowering == "fused" else "--lowering function"
+        if attention is not None:
+            raise Qwen2Error(f"--attention seqlens needs GroupQueryAttention in every layer; {why} keep(s) "
+                             "the padding bias: use --attention bias")
+        notes.append(f"device profile {prof.name}'s attention seqlens does not apply to {why}: bias")
+        layout = "bias"
+    return layout
+
+
 def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
               device: str | devices.DeviceProfile | None = None,
               context: int | None = None, lowering: str | None = None, requantize: bool = False,
               quantizer: str | None = None, calibration: str | Path | None = None,
               verify: bool = True, out: str | Path | None = None, overwrite: bool = False,
-              tolerance: Tolerance | None = None, gate_batch: int = 1) -> ExportPlan:
+              tolerance: Tolerance | None = None, gate_batch: int = 1, activations: str | None = None,
+              attention: str | None = None) -> ExportPlan:
     if target not in precisions.TARGETS:
         raise ValueError(f"unknown target {target!r}")
     prof = target_profile(target, device)
     notes: list[str] = []
     defaults = DEFAULTS[target]
-    name = settle("--dtype", dtype, prof.default_dtype if prof else None, prof, notes) or defaults["dtype"]
-    what = "--dtype" if dtype is not None or prof is None else f"device profile {prof.name}'s default_dtype"
-    prec = precisions.get(target, name, what)
     cfg = ckpt.config
     flag = CONTEXT_FLAG[target]
     ctx = settle(flag, context, prof.default_context if prof else None, prof, notes)
@@ -125,10 +161,12 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
             or defaults["lowering"]
         if low not in LOWERINGS:
             raise Qwen2Error(f"--lowering {low!r} is not one of {', '.join(LOWERINGS)}")
-    elif lowering is not None:
-        raise Qwen2Error("--lowering applies to ONNX exports only")
+    elif lowering is not None or attention is not None:
+        raise Qwen2Error(f"{'--lowering' if lowering is not None else '--attention'} applies to ONNX exports only")
     else:
         low = None
+    layout = _attention(cfg, prof, attention, low, notes) if target == "onnx" else "bias"
+    prec = _precision(target, cfg, prof, dtype, activations, int(ctx), low, notes)
     if requantize and not prec.quantized:
         raise Qwen2Error(f"--requantize applies to quantized precisions, not {prec.name}")
     if requantize and quantizer not in (None, "rtn"):
@@ -149,7 +187,8 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
     if out is None:
         label = ckpt.size or (str(ckpt.path).strip("<>").removeprefix("random ") if ckpt.kind == "random"
                               else ckpt.path.stem)
-        out = Path("exports") / (f"qwen2-{label}-{prec.name}" if target == "onnx" else
+        out = Path("exports") / (f"qwen2-{label}-{prec.slug}" if target == "onnx" else
                                  f"qwen2-{label}-coreml-{prec.name}")
     return ExportPlan(target, prec, recipe, low, int(ctx), prof, GateSettings(verify, tolerance, gate_batch),
-                      Path(out), overwrite, tuple(notes), Path(calibration) if calibration is not None else None)
+                      Path(out), overwrite, tuple(notes), Path(calibration) if calibration is not None else None,
+                      layout)

@@ -8,15 +8,18 @@ metadata. Adding a precision is one entry below plus its lowering (the ONNX or C
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from qwen2_ref.errors import Qwen2Error
 
-from .tolerances import COREML_GATE, GATE, Tolerance
+from .tolerances import COREML_GATE, GATE, GATE_ACTIVATIONS, Tolerance
 
 TARGETS = ("onnx", "coreml")
+RUNTIME = {"onnx": "ONNX", "coreml": "Core ML"}
+# --activations: the dtype a graph computes in and caches keys and values in
+ACTIVATIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Weights that stay float under every quantized precision: the MoE routers (a rounded router logit can pick a
 # different expert).
 ROUTERS = ("mlp.gate.weight", "shared_expert_gate.weight")
@@ -69,6 +72,41 @@ class Precision:
     @property
     def quantized(self) -> bool:
         return self.weights is not None
+
+    @property
+    def activations(self) -> str:
+        """The --activations name of `compute`: fp32, fp16 or bf16."""
+        return next(k for k, v in ACTIVATIONS.items() if v == self.compute)
+
+    @property
+    def label(self) -> str:
+        """The --dtype, with the activations when they are not the dtype's own: "int4", "int4 (fp16 activations)"."""
+        own = PRECISIONS[self.target][self.name].activations
+        return self.name if self.activations == own else f"{self.name} ({self.activations} activations)"
+
+    @property
+    def slug(self) -> str:
+        """For file names: "int4", "int4-fp16act"."""
+        own = PRECISIONS[self.target][self.name].activations
+        return self.name if self.activations == own else f"{self.name}-{self.activations}act"
+
+    def with_activations(self, activations: str | None, what: str = "--activations") -> "Precision":
+        """This precision computing (and caching keys and values) in `activations`: ONNX int4 only, whose weights
+        are codes with scales, and so can feed any float dtype; floats stay in the dtype they store (None or the
+        precision's own activations: itself). The quantized weights' scales, the float weights (embedding, norms,
+        biases) and the KV cache follow the activations; norms and softmax still accumulate in fp32."""
+        if activations is None or activations == self.activations:
+            return self
+        if activations not in ACTIVATIONS:
+            raise Qwen2Error(f"{what} {activations!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.target != "onnx" or not self.quantized:
+            raise Qwen2Error(f"{what} {activations} applies to ONNX int4; {RUNTIME[self.target]} {self.name} "
+                             f"computes in {self.activations}")
+        dt = ACTIVATIONS[activations]
+        size = torch.empty((), dtype=dt).element_size()
+        return replace(self, compute=dt, kv_cache=dt, float_weights=dt,
+                       weights=replace(self.weights, scale_bytes=size), tolerance=GATE_ACTIVATIONS[activations],
+                       summary=f"{self.summary.split(',')[0]}, {activations} activations and KV cache")
 
     def float_bytes(self, n: int) -> float:
         return n * torch.empty((), dtype=self.float_weights).element_size()

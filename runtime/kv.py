@@ -50,9 +50,14 @@ class KVCache:
         n = batch * kv_heads * capacity * head_dim
         copies = 1 if shared else 2
         self.bufs = [tuple(alloc(n, dtype, device, device_id) for _ in range(copies)) for _ in past_names]
-        self.length = 0  # tokens cached (including left padding)
+        self.lengths = np.zeros(batch, dtype=np.int64)  # tokens cached per row (including left padding)
         self.cur = 0  # ping-pong: which buffer of each pair holds the cache (shared: always 0)
-        self._bound = None  # shared: the IO binding that already holds this cache's (unchanging) bindings
+        self._bound = None  # shared: (IO binding, row or None) whose bindings this cache's buffers already hold
+
+    @property
+    def length(self) -> int:
+        """Tokens cached in the longest row (every row, unless rows were filled one by one: `bind_row`)."""
+        return int(self.lengths.max())
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +67,7 @@ class KVCache:
         return batch == self.batch and tokens <= self.capacity
 
     def reset(self) -> None:
-        self.length, self.cur = 0, 0
+        self.lengths[:], self.cur = 0, 0
 
     def bind(self, io, new_tokens: int) -> None:
         """Bind past (the cached tokens) and present (past + `new_tokens`) for the next step. The caller must not
@@ -71,23 +76,38 @@ class KVCache:
         total = self.length + new_tokens
         assert total <= self.capacity, (total, self.capacity)
         if self.shared:
-            if self._bound is not io:
+            if self._bound != (io, None):
                 full = [self.batch, self.kv_heads, self.capacity, self.head_dim]  # (B, kv, capacity, hd)
                 self._bind_all(io, full, full, 0, 0)
-                self._bound = io
+                self._bound = (io, None)
             return
         past = [self.batch, self.kv_heads, self.length, self.head_dim]  # (B, kv, past, hd)
         present = [self.batch, self.kv_heads, total, self.head_dim]  # (B, kv, past + S, hd)
         self._bind_all(io, past, present, self.cur, 1 - self.cur)
 
-    def _bind_all(self, io, past: list[int], present: list[int], src: int, dst: int) -> None:
-        for pin, pout, pair in zip(self.past_names, self.present_names, self.bufs):
-            io.bind_input(pin, self.device, self.device_id, self.dtype, past, pair[src].ptr)
-            io.bind_output(pout, self.device, self.device_id, self.dtype, present, pair[dst].ptr)
+    def bind_row(self, io, row: int) -> None:
+        """Shared mode: bind one row of every buffer as a batch of one, (1, kv, capacity, hd) — a row of a
+        (B, kv, capacity, hd) buffer is contiguous — to fill it alone (a "seqlens"-layout batch is prefilled row
+        by row)."""
+        assert self.shared and 0 <= row < self.batch
+        if self._bound != (io, row):
+            one = [1, self.kv_heads, self.capacity, self.head_dim]
+            self._bind_all(io, one, one, 0, 0, offset=row * self.kv_heads * self.capacity * self.head_dim)
+            self._bound = (io, row)
 
-    def advance(self, new_tokens: int) -> None:
-        """After a step: present becomes the next past (ping-pong: the other buffer of each pair)."""
-        self.length += new_tokens
+    def _bind_all(self, io, past: list[int], present: list[int], src: int, dst: int, offset: int = 0) -> None:
+        off = offset * self.dtype.itemsize
+        for pin, pout, pair in zip(self.past_names, self.present_names, self.bufs):
+            io.bind_input(pin, self.device, self.device_id, self.dtype, past, pair[src].ptr + off)
+            io.bind_output(pout, self.device, self.device_id, self.dtype, present, pair[dst].ptr + off)
+
+    def advance(self, new_tokens: int, row: int | None = None) -> None:
+        """After a step over every row (or over `row` alone): present becomes the next past (ping-pong: the other
+        buffer of each pair)."""
+        if row is None:
+            self.lengths += new_tokens
+        else:
+            self.lengths[row] += new_tokens
         if not self.shared:
             self.cur = 1 - self.cur
 

@@ -71,8 +71,10 @@ def gqa_in_every_layer(folder: ExportFolder, layers: int) -> bool:
 
 class Runner:
     def __init__(self, model: str | Path | ExportFolder, settings: SessionSettings | None = None,
-                 kv_share: bool = True):
-        """`kv_share=False` keeps the ping-pong KV cache even where the graph could share one buffer."""
+                 kv_share: bool = True, greedy_on_device: bool | None = None):
+        """`kv_share=False` keeps the ping-pong KV cache even where the graph could share one buffer (a "seqlens"
+        export shares it whatever this says). `greedy_on_device`: greedy decode steps take the arg-max where the
+        logits are (DeviceArgmax), so only token ids reach the host; None: when the session runs on a GPU."""
         self.folder = model if isinstance(model, ExportFolder) else open_export(model)
         self.settings = settings or SessionSettings()
         self.session: Session = build_session(self.folder.onnx_path, self.settings)
@@ -87,7 +89,13 @@ class Runner:
         first = ins[self.past_names[0]]
         self.kv_dtype = ORT_TYPES[first.type]
         _, self.kv_heads, _, self.head_dim = first.shape
-        self.shared_kv = kv_share and gqa_in_every_layer(self.folder, len(self.past_names) // 2)
+        # "seqlens" attention (export/plan.py): each row's keys from position 0 and its length from its mask row;
+        # a batch is prefilled row by row into its rows of the shared cache, then decoded together
+        self.per_row = self.folder.report.get("plan", {}).get("attention") == "seqlens"
+        self.shared_kv = (kv_share or self.per_row) and gqa_in_every_layer(self.folder, len(self.past_names) // 2)
+        if self.per_row and not self.shared_kv:
+            raise Qwen2Error(f"{self.folder.path}: a seqlens-attention export needs GroupQueryAttention in every "
+                             "layer (its export report says otherwise): re-export it")
         self.vocab = self.folder.config.vocab_size
         overridable = {i.name for i in sess.get_overridable_initializers()}
         self.keep_last = KEEP in ins or KEEP in overridable  # graph can compute the last position's logits only
@@ -96,6 +104,8 @@ class Runner:
 
             self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
         self.device = self.session.device
+        self.greedy_on_device = self.device != "cpu" if greedy_on_device is None else greedy_on_device
+        self._argmax: DeviceArgmax | None = None
         self.cache: KVCache | None = None
         self._logits: dict[tuple[int, int], tuple[object, np.ndarray | None]] = {}
         self._io = sess.io_binding()
@@ -117,12 +127,15 @@ class Runner:
                 self._logits[key] = (ov, None)
         return self._logits[key]
 
-    def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Run (B, S) new tokens against the cache; returns the last position's logits (B, V) on the host.
-        `mask` covers past + new tokens (B, past + S)."""
+    def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, row: int | None = None,
+             fetch: bool = True):
+        """Run (B, S) new tokens against the cache; returns the last position's logits (B, V) on the host, or with
+        `fetch=False` the logits OrtValue (B, rows, V) where the session left it. `mask` covers past + new tokens:
+        (B, past + S) for a left-padded batch, each row's own length for a "seqlens" export. `row`: the new
+        tokens are that row's alone (a batch of one into its row of the shared cache)."""
         B, S = ids.shape
         cache = self.cache
-        assert cache is not None and mask.shape == (B, cache.length + S)
+        assert cache is not None and (row is not None or self.per_row or mask.shape == (B, cache.length + S))
         io = self._io  # never cleared: each step rebinds what changed, the shared cache stays bound (kv.py)
         feeds = [np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos)]  # kept alive through run
         for name, a in zip(("input_ids", "attention_mask", "position_ids"), feeds):
@@ -132,9 +145,14 @@ class Runner:
         rows = 1 if self.keep_last else S
         ov, host = self._logits_out(B, rows)
         io.bind_ortvalue_output("logits", ov)
-        cache.bind(io, S)
+        if row is None:
+            cache.bind(io, S)
+        else:
+            cache.bind_row(io, row)
         self.sess.run_with_iobinding(io)
-        cache.advance(S)
+        cache.advance(S, row)
+        if not fetch:
+            return ov
         if host is None:  # CUDA: the cache stays on the device; only the (B, rows, V) logits cross
             host = ov.numpy()
         return host[:, -1]
@@ -148,7 +166,10 @@ class Runner:
         return self.cache
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, chunk: int = 0) -> np.ndarray:
-        """Prompt (B, T) with its mask, `chunk` tokens per step (0: all at once); last position's logits (B, V)."""
+        """Prompt (B, T) with its mask, `chunk` tokens per step (0: all at once); last position's logits (B, V).
+        A "seqlens" export's batch: each row's real tokens alone, into its row of the cache."""
+        if self.per_row and ids.shape[0] > 1:
+            return np.stack([self._prefill_row(r, ids[r, mask[r] == 1], chunk) for r in range(ids.shape[0])])
         T = ids.shape[1]
         pos = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)  # left padding: real tokens count from 0
         step = chunk if chunk > 0 else T
@@ -156,6 +177,14 @@ class Runner:
             e = min(T, s + step)
             logits = self.step(ids[:, s:e], mask[:, :e], pos[:, s:e])
         return logits
+
+    def _prefill_row(self, row: int, ids: np.ndarray, chunk: int) -> np.ndarray:
+        T = len(ids)
+        step = chunk if chunk > 0 else T
+        for s in range(0, T, step):
+            e = min(T, s + step)
+            logits = self.step(ids[None, s:e], np.ones((1, e), dtype=np.int64), np.arange(s, e)[None], row=row)
+        return logits[0].copy()  # a view of the (1, 1, V) buffer the next row's steps write
 
     # ---- generation --------------------------------------------------------------------------------------------------
     def check_prompt(self, n_tokens: int) -> None:
@@ -187,10 +216,14 @@ class Runner:
             return
         self._ensure_cache(B, T + steps - 1)
         # the whole generation's mask, allocated once: the prompt's, then one column per decode step (views feed the
-        # steps; a batch of one needs no copy). Positions go on from each row's real token count.
-        full_mask = np.ones((B, T + steps - 1), dtype=np.int64)
-        full_mask[:, :T] = mask
+        # steps; a batch of one needs no copy). Positions go on from each row's real token count. A "seqlens"
+        # batch's rows start at position 0: row r's mask is its length's ones, right-padded to the longest.
         pos = mask.sum(-1, keepdims=True)  # (B, 1)
+        if self.per_row and B > 1:
+            full_mask = (np.arange(T + steps)[None, :] <= pos).astype(np.int64)  # a column more each step
+        else:
+            full_mask = np.ones((B, T + steps - 1), dtype=np.int64)
+            full_mask[:, :T] = mask
         penalty = getattr(params, "repetition_penalty", 1.0)
         seen = None
         if penalty != 1.0:
@@ -199,15 +232,19 @@ class Runner:
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stops = torch.tensor(list(params.stop_token_ids), dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
+        on_device = self.greedy_on_device and params.greedy and seen is None
         t0 = time.perf_counter()
         logits = self.prefill(ids, mask, chunk)
         t1 = time.perf_counter()
         st.prefill_s = t1 - t0
         for i in range(steps):
-            scores = torch.from_numpy(logits)
-            if seen is not None:
-                scores = apply_repetition_penalty(scores, seen, penalty)
-            tok = next_token(scores, params, gen)
+            if isinstance(logits, np.ndarray):
+                scores = torch.from_numpy(logits)
+                if seen is not None:
+                    scores = apply_repetition_penalty(scores, seen, penalty)
+                tok = next_token(scores, params, gen)
+            else:  # the logits OrtValue, where the session left it: only the token ids come back
+                tok = torch.from_numpy(self._device_argmax()(logits))
             if seen is not None:
                 seen[torch.arange(B), tok] = True
             if i == 0:
@@ -228,8 +265,11 @@ class Runner:
                 if last and steps < params.max_new_tokens:
                     st.finish = [f if f == "stop" else "context" for f in st.finish]
                 break
-            logits = self.step(tok.numpy()[:, None], full_mask[:, :T + i + 1], pos)
+            m = full_mask[:, :int(pos.max()) + 1] if self.per_row and B > 1 else full_mask[:, :T + i + 1]
+            logits = self.step(tok.numpy()[:, None], m, pos, fetch=not on_device)
             pos += 1
+            if self.per_row and B > 1:
+                full_mask[np.arange(B), pos[:, 0]] = 1  # each row's mask one longer for the next step
         st.decode_s = time.perf_counter() - t1
 
     # ---- text -----------------------------------------------------------------------------------------------------
@@ -271,8 +311,40 @@ class Runner:
         return [Completion(texts[r].take(final=True) if texts else "", out[r], self.stats.finish[r])
                 for r in range(len(ids))]
 
+    def _device_argmax(self) -> "DeviceArgmax":
+        if self._argmax is None:
+            self._argmax = DeviceArgmax(self.session.active, self.device, self.settings.device_id)
+        return self._argmax
+
     def end_profiling(self) -> str | None:
         return self.sess.end_profiling() if self.settings.profile_prefix else None
+
+
+class DeviceArgmax:
+    """Greedy decoding without the logits leaving the device: a one-node ONNX Runtime session (ArgMax over the
+    vocabulary) on the runner's providers, fed the step's logits OrtValue by IO binding; only the (B,) token ids
+    are copied to the host (on CUDA: 8·B bytes a step instead of 4·B·vocab)."""
+
+    def __init__(self, providers: Sequence[str], device: str, device_id: int = 0):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            [helper.make_node("ArgMax", ["logits"], ["ids"], axis=-1, keepdims=0)], "greedy",
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "rows", "vocab"])],
+            [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "rows"])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
+        self.io = self.sess.io_binding()
+
+    def __call__(self, logits) -> np.ndarray:
+        """(B, rows, V) logits OrtValue -> the last row's arg-max (B,) int64 on the host."""
+        self.io.bind_ortvalue_input("logits", logits)
+        self.io.bind_output("ids", "cpu")
+        self.sess.run_with_iobinding(self.io)
+        return self.io.copy_outputs_to_cpu()[0][:, -1]
 
 
 @dataclass

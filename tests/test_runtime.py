@@ -56,6 +56,16 @@ def copying(tiny):
     return Runner(tiny[1], CPU2, kv_share=False)
 
 
+@pytest.fixture(scope="module")
+def seqlens(tiny):
+    """The same checkpoint exported with the CUDA profiles' "seqlens" attention (per-row lengths, no padding
+    bias): the runner prefills a batch row by row into its rows of the shared cache and decodes it together."""
+    ckpt, folder, _ = tiny
+    out = folder.parent / "fp32-seqlens"
+    export_onnx(ckpt, make_plan("onnx", ckpt, dtype="fp32", attention="seqlens", out=out, verify=False))
+    return Runner(out, CPU2)
+
+
 def tokens(runner_or_model, prompts, params, **kw):
     gen = runner_or_model.generate(prompts, params, **kw) if isinstance(runner_or_model, Runner) \
         else ref_generate(runner_or_model, prompts, params, **kw)
@@ -83,6 +93,35 @@ def test_padded_batch_equals_prompts_one_by_one(runner):
     for i, p in enumerate(PROMPTS):
         assert [step[i] for step in batch] == [step[0] for step in tokens(runner, [p], params)]
     assert runner.stats.batch == 1 and runner.stats.finish == ["length"]
+
+
+SAMPLED = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+
+
+@pytest.mark.parametrize("params, chunk", [(SamplingParams(max_new_tokens=16), 0), (SamplingParams(max_new_tokens=16), 3),
+                                           (SAMPLED, 0)], ids=["greedy", "chunked", "sampled"])
+def test_seqlens_batch_equals_the_reference_row_by_row(tiny, runner, seqlens, params, chunk):
+    """A batch of three prompts of different lengths through a seqlens export: each row equals the reference
+    generating that prompt alone (greedy), and the whole batch equals the left-padded bias export's (sampled too:
+    same logits, same generator)."""
+    assert seqlens.per_row and seqlens.shared_kv and not runner.per_row
+    batch = tokens(seqlens, PROMPTS, params, prefill_chunk=chunk)
+    assert batch == tokens(runner, PROMPTS, params, prefill_chunk=chunk)
+    if params.greedy:
+        for i, p in enumerate(PROMPTS):
+            assert [step[i] for step in batch] == [step[0] for step in tokens(tiny[2], [p], params)]
+    assert list(seqlens.cache.lengths) == [len(p) + params.max_new_tokens - 1 for p in PROMPTS]
+
+
+def test_greedy_argmax_where_the_logits_are(tiny, runner, seqlens):
+    """greedy_on_device: the decode steps' arg-max runs in a one-node ONNX Runtime session on the logits'
+    OrtValue (on CUDA only token ids cross to the host); on the CPU provider it must give the host's tokens."""
+    params = SamplingParams(max_new_tokens=16)
+    for r in (runner, seqlens):
+        on = Runner(r.folder, CPU2, greedy_on_device=True)
+        assert not r.greedy_on_device and on.greedy_on_device
+        assert tokens(on, PROMPTS, params) == tokens(r, PROMPTS, params)
+        assert tokens(on, PROMPTS[:1], SAMPLED) == tokens(r, PROMPTS[:1], SAMPLED)  # sampling stays on the host
 
 
 def test_chunked_prefill_equals_one_shot(runner):

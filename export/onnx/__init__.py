@@ -7,6 +7,7 @@ ONNX build and a step function over the saved graph.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from .graph import OPSET, add_logits_to_keep, trace
 from .irutil import ops_histogram
 from .linears import ACCURACY_LEVEL, lower_linears
 from .metadata import write_metadata
-from .verify import backend, onnx_step, read_dequantized, session
+from .verify import backend, onnx_step, read_dequantized, seqlens_step, session
 from .weights import WeightStreamer
 
 # A reference bigger than this (fp32 bytes) is not materialized for the gate; a 2-layer truncation is checked.
@@ -71,7 +72,7 @@ def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int
     cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
     t0 = time.perf_counter()
     status(f"tracing {cfg.model_type} ({cfg.num_hidden_layers} layers, {prec.name}, {plan.lowering} lowering) ...")
-    model = trace(cfg, prec.compute, fused_attention=fused)
+    model = trace(cfg, prec.compute, fused_attention=fused, attention=plan.attention)
     base = base_spec(plan)
     calibrated, calibration = _calibrated(ckpt, plan, model, num_layers)
     streamer = WeightStreamer(ckpt.source, cfg, base, requantize=plan.recipe == "requantize",
@@ -196,21 +197,46 @@ class OnnxTarget:
     @contextmanager
     def gate_subject(self, ckpt: Checkpoint, plan: ExportPlan, folder: Path):
         layers = gate_layers(ckpt.config)
+        providers, act = gate_providers(plan), (plan.precision.activations, plan.attention)
         if layers is None:
-            yield GateSubject(lambda: reference_step(reference_model(ckpt)), lambda: _opened(folder), "full model")
+            yield GateSubject(lambda: reference_step(reference_model(ckpt)), lambda: _opened(folder, providers, act),
+                              "full model")
             return
         cfg = ckpt.config
         status(f"the gate checks a {layers}-layer truncation (the full fp32 reference would need "
                f"{cfg.num_parameters() * 4 / 2**30:.0f} GiB)")
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gate-") as td:
             build_onnx(ckpt, Path(td), plan, num_layers=layers)
-            yield GateSubject(lambda: reference_step(reference_model(ckpt, layers)), lambda: _opened(Path(td)),
+            yield GateSubject(lambda: reference_step(reference_model(ckpt, layers)),
+                              lambda: _opened(Path(td), providers, act),
                               f"first {layers} of {cfg.num_hidden_layers} layers, same weights")
 
 
-def _opened(folder: Path):
-    sess = session(folder)
-    return onnx_step(sess), backend(sess)
+def gate_providers(plan: ExportPlan) -> tuple[str, ...]:
+    """Where the gate runs the export: on the GPU when the plan's profile is a CUDA one and this onnxruntime has
+    CUDA (onnxruntime-gpu), else ONNX Runtime's CPU execution provider (the CPU twin of a GPU layout)."""
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider"
+    if plan.profile is not None and cuda in plan.profile.execution_providers \
+            and cuda in ort.get_available_providers():
+        return (cuda, "CPUExecutionProvider")
+    return ("CPUExecutionProvider",)
+
+
+def _opened(folder: Path, providers: tuple[str, ...], how: tuple[str, str]):
+    """A step over the saved export as its attention layout must be run; `how`: (activations, attention)."""
+    try:
+        sess = session(folder, providers)
+    except Exception as e:  # ORT's own exception types
+        missing = re.search(r"Could not find an implementation for (\w+)\(\d+\) node", str(e))
+        if missing is None:
+            raise
+        raise Qwen2Error(f"the gate cannot run this export: ONNX Runtime's {', '.join(providers)} has no "
+                         f"{missing.group(1)} kernel for {how[0]} activations; export it where the gate can run it "
+                         "(a CUDA machine with onnxruntime-gpu and a CUDA --device profile), or pass --no-verify "
+                         "(the report will say so)") from None
+    return (seqlens_step(sess) if how[1] == "seqlens" else onnx_step(sess)), backend(sess)
 
 
 def gate_layers(cfg) -> int | None:

@@ -1,8 +1,9 @@
 """Fused lowerings onto ONNX Runtime's contrib kernels (`--lowering fused`).
 
 - Attention -> `com.microsoft.GroupQueryAttention` with rotary fused (`do_rotary=1`, cos/sin tables as
-  initializers, explicit `position_ids`), the padding mask as `attention_bias`, and `query_seqlens` so a batch of
-  multi-token chunks with a cache (chunked prefill of a left-padded batch) runs on CPU. Done at trace time: the
+  initializers, explicit `position_ids`). Two layouts of a padded batch: "bias" (optimum's left padding: the
+  padding mask as `attention_bias`, and `query_seqlens` so a batch of multi-token chunks with a cache runs on CPU)
+  and "seqlens" (per-row lengths from the mask, no bias: what ORT's fast CUDA attention paths take). Done at trace time: the
   decoder's attention modules are swapped for `FusedAttention`, which calls one torch custom op that the exporter
   translates to the GQA node. Layers with Dual Chunk Attention keep our `qwen2.DualChunkAttention` op.
 - Routed experts `qwen2.MoE` -> `com.microsoft.MoE` (SwiGLU with gate/up rows interleaved in fc1,
@@ -124,6 +125,23 @@ def _gqa(q, k, v, past_k, past_v, position_ids, attention_mask, cos_cache, sin_c
                                    _outputs=3)
 
 
+def _gqa_seqlens(q, k, v, past_k, past_v, position_ids, attention_mask, cos_cache, sin_cache, num_heads: int,
+                 kv_heads: int, scale: float):
+    """The "seqlens" attention layout (onnxruntime-genai's): each row's tokens start at position 0 and its length
+    is its attention-mask row's sum, so GroupQueryAttention needs no padding bias (which would send CUDA to its
+    unfused fallback) and no `query_seqlens` (an input onnxruntime-gpu 1.31 does not have). A row shorter than the
+    batch's longest is right-padded; runners prefill a batch row by row (batch 1) and decode it together."""
+    lens = op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0)  # (B,) int64
+    seqlens_k = op.Cast(op.Sub(lens, op.Constant(value_ints=[1])), to=6)
+    total_len = op.Cast(op.Squeeze(op.Shape(attention_mask, start=1, end=2)), to=6)
+    return _ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+                                   position_ids, num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1,
+                                   scale=float(scale), _outputs=3)
+
+
+ATTENTION_LAYOUTS = {"bias": _gqa, "seqlens": _gqa_seqlens}
+
+
 def _register_gqa_schema() -> None:
     """ORT's contrib schemas are not in onnx.defs; the exporter's node builder needs the output count."""
     from onnx.defs import OpSchema, has, register_schema
@@ -148,9 +166,9 @@ def _register_gqa_schema() -> None:
             ("do_rotary", OpSchema.AttrType.INT), ("scale", OpSchema.AttrType.FLOAT))]))
 
 
-def translation_table() -> dict:
+def translation_table(attention: str = "bias") -> dict:
     _register_gqa_schema()
-    return {torch.ops.qwen2_fused.group_query_attention.default: _gqa}
+    return {torch.ops.qwen2_fused.group_query_attention.default: ATTENTION_LAYOUTS[attention]}
 
 
 # ---- MoE: qwen2.MoE -> com.microsoft.MoE / QMoE ------------------------------------------------------------------

@@ -58,18 +58,20 @@ def _quiet_exporter():
         log.setLevel(level)
 
 
-def trace(cfg: ModelArgs, tdtype: torch.dtype, fused_attention: bool = False) -> ir.Model:
+def trace(cfg: ModelArgs, tdtype: torch.dtype, fused_attention: bool = False, attention: str = "bias"
+          ) -> ir.Model:
     """The reference in `tdtype` as an ONNX graph (opset 21) with dynamic batch / sequence / past; initializers
     have no data.
 
-    `fused_attention`: attention becomes ORT's GroupQueryAttention (fused.py) instead of standard ops."""
+    `fused_attention`: attention becomes ORT's GroupQueryAttention (fused.py) instead of standard ops, in the
+    `attention` layout ("bias" or "seqlens", fused.ATTENTION_LAYOUTS)."""
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg).to(tdtype).eval()
     model.tie_weights()
     table = custom_ops.translation_table()
     if fused_attention:
         fused.use_fused_attention(model)
-        table |= fused.translation_table()
+        table |= fused.translation_table(attention)
     L, B, T, P = cfg.num_hidden_layers, 2, 3, 5  # sizes >= 2: size-1 example dims get specialized
     with torch.device("meta"):
         args = (torch.zeros(B, T, dtype=torch.long), torch.ones(B, P + T, dtype=torch.long),

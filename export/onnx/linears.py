@@ -179,9 +179,9 @@ def _matmul_nbits(g: ir.Graph, w: ir.Value, consumers: list[ir.Node], spec: Quan
                   accuracy_level: int) -> WeightUse:
     """Each consumer (`MatMul(x, Wᵀ)` or `Gemm(x, W, transB=1[, bias])`) -> `MatMulNBits(x, W quantized[, bias])`."""
     shapes = spec.shapes(n_out, k_in)
-    zdt = ir.DataType.FLOAT if spec.float_zp else ir.DataType.UINT8
+    zdt = w.dtype if spec.float_zp else ir.DataType.UINT8
     b = initializer(f"{w.name}.q{spec.bits}", ir.DataType.UINT8, shapes["B"])
-    sc = initializer(f"{w.name}.scales", ir.DataType.FLOAT, shapes["scales"])
+    sc = initializer(f"{w.name}.scales", w.dtype, shapes["scales"])
     zp = initializer(f"{w.name}.zero_points", zdt, shapes["zero_points"])
     for v in (b, sc, zp):
         g.register_initializer(v)
@@ -205,8 +205,8 @@ def _matmul_nbits_with_offsets(g: ir.Graph, w: ir.Value, consumers: list[ir.Node
     nb = k_in // spec.block
     shapes = spec.shapes(n_out, k_in)
     b = initializer(f"{w.name}.q4", ir.DataType.UINT8, shapes["B"])
-    sc = initializer(f"{w.name}.scales", ir.DataType.FLOAT, shapes["scales"])
-    off = initializer(f"{w.name}.offsets", ir.DataType.FLOAT, (nb, n_out))
+    sc = initializer(f"{w.name}.scales", w.dtype, shapes["scales"])
+    off = initializer(f"{w.name}.offsets", w.dtype, (nb, n_out))
     rank = len(consumers[0].inputs[0].shape)
     blocks = ir.Value(name=f"{w.name}/blocks_shape",
                       const_value=ir.tensor(np.array([0] * (rank - 1) + [nb, spec.block], dtype=np.int64)))

@@ -56,6 +56,45 @@ def onnx_step(sess) -> Step:
     return step
 
 
+def seqlens_step(sess) -> Step:
+    """A session of a "seqlens"-layout graph (per-row lengths, no padding bias) as a step function over the gate's
+    left-padded steps, run the way a runner must run that layout: a step with several tokens (a prompt) row by
+    row at batch 1 on the row's real tokens only, a one-token step (decode) for the whole batch with each row's
+    keys from position 0 and an attention mask of its own length. Logits come back where the left-padded layout
+    has them (padded positions are zeros; the gate does not compare them)."""
+    state: dict = {}
+
+    def step(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        B, T = ids.shape
+        real = mask[:, -T:].astype(bool)
+        if not state:
+            state["lens"] = np.zeros(B, dtype=np.int64)
+            state["past"] = empty_past(sess, B)
+        lens, past = state["lens"], state["past"]
+        if T == 1 and real.all():  # decode: the batch together, mask rows as long as each row's keys + 1
+            width = int(lens.max()) + 1
+            m = (np.arange(width)[None, :] < (lens + 1)[:, None]).astype(np.int64)
+            logits, present = ort_step(sess, ids, m, lens[:, None], [p[:, :, :width - 1] for p in past])
+            state["past"], state["lens"] = present, lens + 1
+            return logits.astype(np.float32)
+        out, rows = None, []
+        for b in range(B):
+            n = int(lens[b])
+            logits, present = ort_step(sess, ids[b:b + 1, real[b]], np.ones((1, n + int(real[b].sum()))),
+                                       pos[b:b + 1, real[b]], [p[b:b + 1, :, :n] for p in past])
+            if out is None:
+                out = np.zeros((B, T, logits.shape[-1]), dtype=np.float32)
+            out[b, real[b]] = logits[0]
+            rows.append(present)
+        state["lens"] = lens + real.sum(-1)
+        width = int(state["lens"].max())
+        state["past"] = [np.stack([np.pad(r[i][0], ((0, 0), (0, width - r[i].shape[2]), (0, 0))) for r in rows])
+                         for i in range(len(past))]
+        return out
+
+    return step
+
+
 def backend(sess) -> str:
     import onnxruntime as ort
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -42,7 +43,8 @@ class StreamedTensor(ir.LazyTensor):
             file.write(np.ascontiguousarray(b).tobytes())
 
 
-NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.UINT8: np.uint8}
+NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: ml_dtypes.bfloat16,
+         ir.DataType.UINT8: np.uint8}
 
 
 class WeightStreamer:
