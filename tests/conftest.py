@@ -140,11 +140,15 @@ def tiny_export(tmp_path_factory):
 
 def onnx_parity(folder: Path, reference, prompts, decode_steps: int, tolerance):
     """ONNX Runtime over an export folder against a reference model, teacher-forced."""
+    import json
+
     from export.gate import check_parity, reference_step
-    from export.onnx.verify import backend, onnx_step, session
+    from export.onnx.verify import backend, onnx_step, seqlens_step, session
 
     sess = session(folder)
-    return check_parity(onnx_step(sess), reference_step(reference), prompts, decode_steps, tolerance, backend(sess))
+    per_row = json.loads((folder / "export_report.json").read_text())["plan"].get("attention") == "seqlens"
+    step = seqlens_step(sess) if per_row else onnx_step(sess)
+    return check_parity(step, reference_step(reference), prompts, decode_steps, tolerance, backend(sess))
 
 
 @pytest.fixture(scope="session")

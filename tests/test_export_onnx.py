@@ -22,7 +22,7 @@ from export.onnx import ParityError, dequantized_reference, export_onnx, referen
 from export.onnx.verify import empty_past, ort_step, session
 from export.plan import make_plan
 from export.quant import QuantSpec, quantize_rtn
-from export.tolerances import TINY, TINY_INT4_DEQUANTIZED
+from export.tolerances import TINY, TINY_DEQUANTIZED_ACTIVATIONS, TINY_INT4_DEQUANTIZED
 from qwen2_ref.checkpoint import open_checkpoint, resolve_checkpoint
 from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.generate import left_pad
@@ -247,9 +247,13 @@ def test_plan_prints_table():
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "int4" in r.stdout and "32768" in r.stdout and "yes" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "export", "plan", "--size", "72b", "--device", "l4", "--dtype", "fp16"],
+    r = subprocess.run([sys.executable, "-m", "export", "plan", "--size", "72b", "--device", "h100"],
                        capture_output=True, text=True)
-    assert r.returncode == 0 and "NO" in r.stdout and "overrides device profile l4" not in r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = {ln.split("│")[2].strip(): ln for ln in r.stdout.splitlines() if ln.count("│") > 5}
+    assert set(lines) == {"fp32", "fp16", "int4 (fp16 activations)"}  # every precision, the chosen one starred
+    assert "NO" in lines["fp16"] and "yes" in lines["int4 (fp16 activations)"]
+    assert lines["int4 (fp16 activations)"].split("│")[1].strip() == "*" and "*" not in lines["fp16"]
 
 
 FUSED_CASES = [(name, "fp32") for name in ("tiny", "tiny-untied", "tiny-yarn", "tiny-moe")] + \
@@ -280,6 +284,48 @@ def test_fused_lowering_matches_reference(tiny_export, name, dtype):
     if dtype == "int4":
         d = onnx_parity(out, dequantized_reference(ckpt, report, out), batch, 4, TINY_INT4_DEQUANTIZED)
         assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+
+
+GPU_LAYOUT = {"activations": "fp16", "attention": "seqlens"}  # what the CUDA profiles' int4 export is
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_gpu_layout_on_the_cpu_twin(tiny_export, name):
+    """The CUDA profiles' int4 (4-bit MatMulNBits / QMoE weights, fp16 activations, scales and KV cache; attention
+    with per-row lengths and no padding bias or query_seqlens), run by ONNX Runtime's CPU provider against the
+    reference: batch 1 and a left-padded batch of 2, prefill + 4 decode steps."""
+    ckpt, out, report = tiny_export(name, "int4", "fused", **GPU_LAYOUT)
+    assert report["activations"] == "fp16" and report["plan"]["attention"] == "seqlens"
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    f16 = onnx.TensorProto.FLOAT16
+    assert {i.type.tensor_type.elem_type for i in m.graph.input if i.name.startswith("past_")} == {f16}
+    gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == ckpt.config.num_hidden_layers and all(len(n.input) == 10 for n in gqa)  # ends at position_ids
+    inits = {t.name: t for t in m.graph.initializer}
+    at = {"MatMulNBits": (2,), "QMoE": (3, 6)}  # the scales inputs
+    scales = [inits[n.input[i]] for n in m.graph.node for i in at.get(n.op_type, ())]
+    assert scales and all(t.data_type == f16 for t in scales)
+    for batch in ([PROMPTS[0]], [PROMPTS[0], PROMPTS[0][:5]]):
+        p = onnx_parity(out, reference_model(ckpt), batch, 4, TINY["int4"])
+        assert p.max_abs_logits <= TINY["int4"].max_abs_logits, p
+        tol = TINY_DEQUANTIZED_ACTIVATIONS["fp16"]  # what remains: fp16 rounding
+        d = onnx_parity(out, dequantized_reference(ckpt, report, out), batch, 4, tol)
+        assert d.max_abs_logits <= tol.max_abs_logits and d.top1_agreement >= tol.min_top1_agreement, d
+
+
+def test_bf16_activations_need_a_gpu_gate(tmp_path):
+    """ONNX Runtime's CPU provider has no bf16 kernels for GroupQueryAttention, MatMulNBits or
+    GatherBlockQuantized: a bf16 export says so in one line at the gate (the fp16 CPU twin above is its nearest
+    form), and --no-verify writes the bf16 graph."""
+    ckpt = resolve_checkpoint("tiny", None, True)
+    with pytest.raises(Qwen2Error, match=r"the gate cannot run this export: ONNX Runtime's CPUExecutionProvider has "
+                                         r"no \w+ kernel for bf16 activations;"):
+        export_onnx(ckpt, plan(ckpt, tmp_path / "gated", "int4", activations="bf16"))
+    assert not (tmp_path / "gated").exists()
+    report = export_onnx(ckpt, plan(ckpt, tmp_path / "bf16", "int4", activations="bf16", verify=False))
+    m = onnx.load(str(tmp_path / "bf16" / "model.onnx"), load_external_data=False)
+    past = {i.type.tensor_type.elem_type for i in m.graph.input if i.name.startswith("past_")}
+    assert past == {onnx.TensorProto.BFLOAT16} and report["activations"] == "bf16"
 
 
 @pytest.mark.parametrize("lowering", ["function", "fused"])

@@ -199,7 +199,7 @@ class OnnxTarget:
         layers = gate_layers(ckpt.config)
         providers, act = gate_providers(plan), (plan.precision.activations, plan.attention)
         if layers is None:
-            yield GateSubject(lambda: reference_step(reference_model(ckpt)), lambda: _opened(folder, providers, act),
+            yield GateSubject(lambda: reference_step(reference_model(ckpt)), lambda: export_step(folder, providers, act),
                               "full model")
             return
         cfg = ckpt.config
@@ -208,7 +208,7 @@ class OnnxTarget:
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gate-") as td:
             build_onnx(ckpt, Path(td), plan, num_layers=layers)
             yield GateSubject(lambda: reference_step(reference_model(ckpt, layers)),
-                              lambda: _opened(Path(td), providers, act),
+                              lambda: export_step(Path(td), providers, act),
                               f"first {layers} of {cfg.num_hidden_layers} layers, same weights")
 
 
@@ -224,8 +224,9 @@ def gate_providers(plan: ExportPlan) -> tuple[str, ...]:
     return ("CPUExecutionProvider",)
 
 
-def _opened(folder: Path, providers: tuple[str, ...], how: tuple[str, str]):
-    """A step over the saved export as its attention layout must be run; `how`: (activations, attention)."""
+def export_step(folder: Path, providers: tuple[str, ...], how: tuple[str, str]):
+    """(A step function over the saved export, run as its attention layout must be; what runs it). `how`:
+    (activations, attention) from its plan."""
     try:
         sess = session(folder, providers)
     except Exception as e:  # ORT's own exception types
