@@ -7,6 +7,7 @@ mismatch is reported loudly, never papered over.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,36 @@ def build_session(onnx_path: Path, s: SessionSettings) -> Session:
     for w in out.warnings:
         console.print(f"[bold red]WARNING:[/] {w}")
     return out
+
+
+@functools.cache
+def cuda_unusable() -> str | None:
+    """Why ONNX Runtime's CUDA provider cannot run here (None: it can). onnxruntime-gpu lists CUDA as available
+    where no GPU is usable and silently falls back to the CPU, so a one-node session is made and its providers
+    read; ONNX Runtime's own log lines about the libraries it could not load are silenced meanwhile."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError as e:
+        return f"{e.name} is not installed"
+    if CUDA not in ort.get_available_providers():
+        return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install the onnx-gpu extra, "
+                "onnxruntime-gpu, on a machine with an NVIDIA GPU)")
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    ort.set_default_logger_severity(4)
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=[CUDA, "CPUExecutionProvider"])
+    except Exception as e:  # ORT's own exception types
+        return f"the CUDA provider does not start: {str(e).strip().splitlines()[0][:200]}"
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default
+    if sess.get_providers()[0] != CUDA:
+        return (f"onnxruntime-gpu {ort.__version__} is installed but CUDA does not start here (no usable GPU, or "
+                "the CUDA 13 / cuDNN 9 libraries it needs are missing): sessions fall back to the CPU")
+    return None
 
 
 def check_graph(sess, path: Path) -> None:

@@ -19,36 +19,13 @@ from export.onnx import dequantized_reference, export_step, reference_model
 from export.tolerances import GATE, GATE_ACTIVATIONS, TINY, TINY_DEQUANTIZED_ACTIVATIONS
 from qwen2_ref.generate import SamplingParams
 from runtime import Runner, SessionSettings
+from runtime.session import cuda_unusable
 
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
 PROMPTS = [[5, 9, 200, 31, 77, 12, 400, 3, 3, 8, 51], [8, 1, 3, 99, 7], [301, 17, 45, 2, 260, 11, 90, 6]]
 
 
-def _no_gpu() -> str | None:
-    """Why the CUDA provider cannot run here (None: it can): onnxruntime-gpu lists CUDA as available on machines
-    without a usable GPU and silently runs on the CPU, so a one-node session is made and its providers read."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError as e:
-        return f"{e.name} is not installed"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install the onnx-gpu extra, "
-                "onnxruntime-gpu, on a machine with an NVIDIA GPU)")
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    try:
-        sess = ort.InferenceSession(m.SerializeToString(), providers=list(CUDA))
-    except Exception as e:  # ORT's own types: CUDA or cuDNN libraries missing
-        return f"the CUDA provider does not start: {str(e).splitlines()[0][:200]}"
-    if sess.get_providers()[0] != "CUDAExecutionProvider":
-        return "onnxruntime-gpu is installed but no GPU is usable here (the session fell back to the CPU)"
-    return None
-
-
-REASON = _no_gpu()
+REASON = cuda_unusable()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(REASON is not None, reason=f"no GPU: {REASON}")]
 
 

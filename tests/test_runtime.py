@@ -98,8 +98,11 @@ def test_padded_batch_equals_prompts_one_by_one(runner):
 SAMPLED = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=7)
 
 
-@pytest.mark.parametrize("params, chunk", [(SamplingParams(max_new_tokens=16), 0), (SamplingParams(max_new_tokens=16), 3),
-                                           (SAMPLED, 0)], ids=["greedy", "chunked", "sampled"])
+GREEDY16 = SamplingParams(max_new_tokens=16)
+
+
+@pytest.mark.parametrize("params, chunk", [(GREEDY16, 0), (GREEDY16, 3), (SAMPLED, 0)],
+                         ids=["greedy", "chunked", "sampled"])
 def test_seqlens_batch_equals_the_reference_row_by_row(tiny, runner, seqlens, params, chunk):
     """A batch of three prompts of different lengths through a seqlens export: each row equals the reference
     generating that prompt alone (greedy), and the whole batch equals the left-padded bias export's (sampled too:

@@ -199,8 +199,8 @@ class OnnxTarget:
         layers = gate_layers(ckpt.config)
         providers, act = gate_providers(plan), (plan.precision.activations, plan.attention)
         if layers is None:
-            yield GateSubject(lambda: reference_step(reference_model(ckpt)), lambda: export_step(folder, providers, act),
-                              "full model")
+            yield GateSubject(lambda: reference_step(reference_model(ckpt)),
+                              lambda: export_step(folder, providers, act), "full model")
             return
         cfg = ckpt.config
         status(f"the gate checks a {layers}-layer truncation (the full fp32 reference would need "
@@ -215,12 +215,10 @@ class OnnxTarget:
 def gate_providers(plan: ExportPlan) -> tuple[str, ...]:
     """Where the gate runs the export: on the GPU when the plan's profile is a CUDA one and this onnxruntime has
     CUDA (onnxruntime-gpu), else ONNX Runtime's CPU execution provider (the CPU twin of a GPU layout)."""
-    import onnxruntime as ort
+    from runtime.session import CUDA, cuda_unusable
 
-    cuda = "CUDAExecutionProvider"
-    if plan.profile is not None and cuda in plan.profile.execution_providers \
-            and cuda in ort.get_available_providers():
-        return (cuda, "CPUExecutionProvider")
+    if plan.profile is not None and CUDA in plan.profile.execution_providers and cuda_unusable() is None:
+        return (CUDA, "CPUExecutionProvider")
     return ("CPUExecutionProvider",)
 
 

@@ -3,9 +3,9 @@
 - Attention -> `com.microsoft.GroupQueryAttention` with rotary fused (`do_rotary=1`, cos/sin tables as
   initializers, explicit `position_ids`). Two layouts of a padded batch: "bias" (optimum's left padding: the
   padding mask as `attention_bias`, and `query_seqlens` so a batch of multi-token chunks with a cache runs on CPU)
-  and "seqlens" (per-row lengths from the mask, no bias: what ORT's fast CUDA attention paths take). Done at trace time: the
-  decoder's attention modules are swapped for `FusedAttention`, which calls one torch custom op that the exporter
-  translates to the GQA node. Layers with Dual Chunk Attention keep our `qwen2.DualChunkAttention` op.
+  and "seqlens" (per-row lengths from the mask, no bias: what ORT's fast CUDA attention paths take). Done at
+  trace time: the decoder's attention modules are swapped for `FusedAttention`, which calls one torch custom op
+  that the exporter translates to the GQA node. Layers with Dual Chunk Attention keep our `qwen2.DualChunkAttention` op.
 - Routed experts `qwen2.MoE` -> `com.microsoft.MoE` (SwiGLU with gate/up rows interleaved in fc1,
   `swiglu_fusion=1`; `normalize_routing_weights` = `norm_topk_prob`; softmax and top-k inside the kernel). A graph
   pass; the interleaved fc1 tensor is streamed from the checkpoint's gate and up tensors expert by expert.
