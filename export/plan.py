@@ -72,7 +72,7 @@ class ExportPlan:
         """The plan as the export report records it."""
         return {"format": self.target, "dtype": self.precision.name, "activations": self.precision.activations,
                 "recipe": self.recipe,
-                "lowering": self.lowering, "attention": self.attention if self.target == "onnx" else None,
+                "lowering": self.lowering, "attention": self.attention if self.lowering == "fused" else None,
                 "context": self.context,
                 "calibration": (str(self.calibration) if self.calibration else "export/data/calibration.txt")
                 if self.recipe == "calibrated" else None,

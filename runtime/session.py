@@ -101,6 +101,10 @@ def build_session(onnx_path: Path, s: SessionSettings) -> Session:
             sess = ort.InferenceSession(str(onnx_path), opts, providers=use,
                                         provider_options=[provider_options(p, s) for p in use])
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types; all mean "cannot load this file"
+        if "GroupQueryAttention:1) has input size 17" in str(e):  # query_seqlens: ORT 1.32's 17th input
+            raise Qwen2Error(f"{onnx_path}: its attention (--attention bias: a padding bias and query_seqlens) needs "
+                             f"onnxruntime 1.32 or later; this is {ort.__version__} (onnxruntime-gpu's newest is "
+                             "1.31): re-export it with --attention seqlens, as the CUDA --device profiles do") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{onnx_path}: ONNX Runtime cannot load it ({first[:300]}); the export is corrupt or "
                               "incomplete: re-export it with --overwrite") from None

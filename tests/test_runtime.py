@@ -127,6 +127,23 @@ def test_greedy_argmax_where_the_logits_are(tiny, runner, seqlens):
         assert tokens(on, PROMPTS[:1], SAMPLED) == tokens(r, PROMPTS[:1], SAMPLED)  # sampling stays on the host
 
 
+def test_bias_export_on_onnxruntime_gpu_131_is_one_line(tiny, monkeypatch):
+    """onnxruntime-gpu's newest (1.31.1) has no GroupQueryAttention `query_seqlens` input: loading a bias-layout
+    export there fails with this message (seen with 1.31.1), which the runner turns into what to do."""
+    import onnxruntime as ort
+
+    def old_ort(*a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model failed:This is an invalid model. "
+                           "Error Node(node_group_query_attention__2) with schema(com.microsoft::GroupQueryAttention:1) "
+                           "has input size 17 not in range [min=7, max=16].")
+
+    monkeypatch.setattr(ort, "InferenceSession", old_ort)
+    with pytest.raises(Qwen2Error, match=r"model.onnx: its attention \(--attention bias: a padding bias and "
+                                         r"query_seqlens\) needs onnxruntime 1.32 or later; .* re-export it with "
+                                         r"--attention seqlens"):
+        Runner(tiny[1], CPU2)
+
+
 def test_chunked_prefill_equals_one_shot(runner):
     ids = np.array([PROMPTS[0]])
     mask = np.ones_like(ids)
