@@ -5,7 +5,8 @@ Rules (the lowerings in export/onnx and export/coreml):
 - a quantized precision stores every 2-D linear weight and the embedding in its `WeightFormat`; the MoE routers
   (`mlp.gate`, `shared_expert_gate`) stay float;
 - ONNX: routed experts are quantized only by the fused lowering (QMoE); a tied embedding and head are stored once;
-- Core ML: the LM head is a copy of its own (split into slices), so a tied head is stored twice.
+- Core ML: a tied table is stored once (the head's slices are views of it), except palettized packages, whose head
+  slices are constants of their own.
 A GGUF source exported with its own blocks kept (the ONNX int4 default) stores its 5/6/8-bit tensors as 8-bit codes
 and so comes out larger than these 4-bit figures; `--requantize` gives them.
 """
@@ -57,8 +58,8 @@ def weight_bytes(cfg: ModelArgs, precision: Precision, lowering: str | None = "f
     head = _bytes(embed, tensors[embed], precision, lowering)
     if cfg.tie_word_embeddings:
         read += head  # the head is the embedding table, read whole every token
-        if precision.target == "coreml":
-            stored += head  # Core ML keeps the head's slices as constants of their own
+        if precision.target == "coreml" and precision.weights is not None and precision.weights.scheme == "palette":
+            stored += head  # palettized Core ML packages keep the head's slices as constants of their own
     if cfg.is_moe:
         inactive = cfg.num_experts - cfg.num_experts_per_tok
         for i in range(cfg.num_hidden_layers):

@@ -1,6 +1,7 @@
 """Small, valid input files written without transformers or llama.cpp (so the damaged-input tests and the fuzzers
 start from something real and cheap): a tiny Hugging Face folder (config.json + one safetensors file) and a tiny
-GGUF (qwen2 architecture, F32 vectors and Q8_0 matrices), both from RandomSource weights."""
+GGUF (qwen2 architecture, F32 vectors and Q8_0 matrices, or the block types asked for), both from RandomSource
+weights."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def write_tiny_hf(folder: Path, cfg: ModelArgs | str = "tiny") -> Path:
     return folder
 
 
-def write_tiny_gguf(path: Path, cfg: ModelArgs | str = "tiny") -> Path:
+def write_tiny_gguf(path: Path, cfg: ModelArgs | str = "tiny", types: dict[str, str] | None = None) -> Path:
+    """`types`: {GGUF tensor name suffix ("attn_q.weight", "token_embd.weight", ...): GGML type name} for the 2-D
+    tensors (default Q8_0). Q4_0/Q4_1/Q5_0/Q8_0 are quantized from the random weights with gguf's own quantizer;
+    Q4_K and Q6_K (which gguf-py cannot quantize) are random blocks with small finite scales."""
     import gguf
 
     cfg = from_name(cfg) if isinstance(cfg, str) else cfg
@@ -48,11 +52,14 @@ def write_tiny_gguf(path: Path, cfg: ModelArgs | str = "tiny") -> Path:
     for i in range(cfg.num_hidden_layers):
         to_gguf |= {f"model.layers.{i}.{hf}": f"blk.{i}.{g}" for g, hf in _GGUF_LAYER.items()}
     src = RandomSource(cfg)
+    rng = np.random.default_rng(7)
     for n, shape in expected_tensors(cfg).items():
         a = src.get(n).numpy().astype(np.float32)
         if len(shape) == 2 and shape[1] % 32 == 0:
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(to_gguf[n], q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            name = next((t for s, t in (types or {}).items() if to_gguf[n].endswith(s)), "Q8_0")
+            qt = gguf.GGMLQuantizationType[name]
+            q = _random_k_blocks(rng, shape, name) if name in ("Q4_K", "Q6_K") else gguf.quants.quantize(a, qt)
+            w.add_tensor(to_gguf[n], q, raw_shape=q.shape, raw_dtype=qt)
         else:
             w.add_tensor(to_gguf[n], a)
     w.write_header_to_file()
@@ -60,6 +67,18 @@ def write_tiny_gguf(path: Path, cfg: ModelArgs | str = "tiny") -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _random_k_blocks(rng, shape: tuple[int, int], name: str) -> np.ndarray:
+    """Random llama.cpp K-quant blocks (256 weights per super-block) with small finite fp16 super-block scales."""
+    size = {"Q4_K": 144, "Q6_K": 210}[name]
+    raw = rng.integers(0, 256, (shape[0], shape[1] // 256, size), dtype=np.uint8)
+    d = rng.uniform(1e-3, 4e-3, raw.shape[:2] + (2,)).astype(np.float16).view(np.uint8)  # (rows, sbk, 2 x 2 B)
+    if name == "Q4_K":
+        raw[..., 0:4] = d.reshape(raw.shape[:2] + (4,))  # d, dmin
+    else:
+        raw[..., 208:210] = d[..., :2]  # d
+    return raw.reshape(shape[0], -1)
 
 
 def gguf_tensor_offset(path: Path, name: str) -> int:

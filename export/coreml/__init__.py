@@ -29,7 +29,9 @@ from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
 from ..plan import ExportPlan, make_plan
 from . import verify
-from .convert import NeuralEngineOptions, compress, convert, describe, wrap
+from .convert import NeuralEngineOptions, compress, describe
+from .model import head_slices
+from .program import Weights, build_program, convert_program
 
 # Off macOS coremltools warns at import that Core ML's runtime is missing (prediction needs macOS; docs/coreml.md)
 # and that torch 2.13 is newer than it was tested with: known, and not the user's business; errors still show.
@@ -59,9 +61,6 @@ def export_coreml(ckpt: Checkpoint, plan: ExportPlan) -> dict:
 class CoreMLTarget:
     label = "Core ML"
 
-    def __init__(self):
-        self._ref = self._wrapper = None  # built once, kept for the gate's reference phase
-
     def check(self, ckpt: Checkpoint, plan: ExportPlan) -> None:
         cfg = ckpt.config
         if cfg.is_moe or cfg.dual_chunk_attention_config is not None:
@@ -74,41 +73,50 @@ class CoreMLTarget:
                              "KV-cache states); a Core ML precision must compute in fp16")
 
     def memory_needed(self, ckpt: Checkpoint, plan: ExportPlan) -> tuple[int, str, str]:
-        return (_memory_bytes(ckpt.config), "converting", "close other work or use a smaller --size")
+        return (_memory_bytes(ckpt.config, plan), "converting" + (" and the parity gate" if plan.gate.enabled else ""),
+                "close other work, pass --no-verify, or use a smaller --size")
 
     def build(self, ckpt: Checkpoint, plan: ExportPlan, folder: Path, tokenizer) -> dict:
-        prec = plan.precision
+        """The program built from the checkpoint's tensors with the MIL builder (program.py): weights go into
+        their stored format one tensor at a time; no float model is traced."""
+        prec, cfg = plan.precision, ckpt.config
         ane = neural_engine_options(plan.profile)
         facts: dict = {"minimum_deployment_target": "iOS18 / macOS15", "compute_precision": prec.hf_torch_dtype,
                        "context_requested": plan.context}
-        status(f"loading {ckpt.path} ...")
-        self._ref = ref = ckpt.load_model(progress=False)
-        self._wrapper = wrapper = wrap(ref, plan.context, ane)
         t1 = time.perf_counter()
-        mlmodel = convert(wrapper)
+        weights = Weights(ckpt.source, prec)
+        prog, context = build_program(cfg, weights, plan.context, ane.state_multiple, ane.max_width)
+        facts["build_s"] = round(time.perf_counter() - t1, 2)
+        status(f"converting to a Core ML ML Program (iOS 18, fp16; {cfg.num_hidden_layers} layers, context "
+               f"{context}) ...")
+        t1 = time.perf_counter()
+        mlmodel = convert_program(prog, context, fold_constants=weights.palette)
+        del prog
         facts["convert_s"] = round(time.perf_counter() - t1, 2)
         t1 = time.perf_counter()
-        mlmodel = compress(mlmodel, prec)
+        mlmodel = compress(mlmodel, prec)  # palettize4 only: the affine formats were built in
         facts["compress_s"] = round(time.perf_counter() - t1, 2)
-        describe(mlmodel, ckpt.config, prec.name, wrapper.context, str(ckpt.path), LICENSE)
+        describe(mlmodel, cfg, prec.name, context, str(ckpt.path), LICENSE)
         facts["ops"] = dict(Counter(op.op_type for op in mlmodel._mil_program.functions["main"].operations))
         status(f"saving {plan.out}/{PACKAGE} ...")
         t1 = time.perf_counter()
         mlmodel.save(str(folder / PACKAGE))
         facts["save_s"] = round(time.perf_counter() - t1, 2)
         del mlmodel
-        facts |= {"context": wrapper.context, "state_shape": list(wrapper.keyCache.shape),
-                  "lm_head_slices": [list(p.shape) for p in wrapper.lm_head]}
-        write_sidecars(folder, ckpt, tokenizer(), prec.name, wrapper, ane)
-        if not plan.gate.enabled:
-            self._ref = self._wrapper = None
+        slices = head_slices(cfg.vocab_size, ane.max_width)
+        state = [cfg.num_hidden_layers, 1, cfg.num_key_value_heads, context, cfg.head_dim]
+        facts |= {"context": context, "state_shape": state,
+                  "lm_head_slices": [[b - a, cfg.hidden_size] for a, b in slices],
+                  "tied_embedding_stored": None if not cfg.tie_word_embeddings else
+                  "twice (palettized head slices of their own)" if weights.palette else "once",
+                  "weights_mib": round(weights.stored_bytes / 2**20, 1), "weights": weights.report}
+        write_sidecars(folder, ckpt, tokenizer(), prec.name, context, state, slices, ane)
         return facts
 
     @contextmanager
     def gate_subject(self, ckpt: Checkpoint, plan: ExportPlan, folder: Path):
         def reference():
-            ref, self._ref, self._wrapper = self._ref, None, None  # the step holds the last reference
-            return reference_step(ref)
+            return reference_step(ckpt.load_model(progress=False))  # the step holds the only reference
 
         def target():
             model, backend = verify.open_package(folder / PACKAGE)
@@ -117,17 +125,17 @@ class CoreMLTarget:
         yield GateSubject(reference, target, "full model")
 
 
-def write_sidecars(folder: Path, ckpt: Checkpoint, tok: Tokenizer | None, dtype: str, wrapper, ane) -> None:
+def write_sidecars(folder: Path, ckpt: Checkpoint, tok: Tokenizer | None, dtype: str, context: int,
+                   shape: list[int], slices: list[tuple[int, int]], ane) -> None:
     cfg = ckpt.config
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_config() | {"architectures": ["Qwen2ForCausalLM"]},
                                                    indent=2) + "\n")
     eos = tok.eos_token_ids if tok is not None else [cfg.eos_token_id]
-    shape = list(wrapper.keyCache.shape)
     sidecar = {
         "model": PACKAGE, "architecture": "Qwen2ForCausalLM", "dtype": dtype, "compute_precision": "float16",
         "minimum_deployment_target": "iOS18",
-        "context_length": wrapper.context,
-        "inputs": {"inputIds": {"shape": [1, "T"], "dtype": "int32", "range": [1, wrapper.context]},
+        "context_length": context,
+        "inputs": {"inputIds": {"shape": [1, "T"], "dtype": "int32", "range": [1, context]},
                    "causalMask": {"shape": [1, 1, "T", "past + T"], "dtype": "float16",
                                   "values": {"attend": 0.0, "masked": -1e4}}},
         "outputs": {"logits": {"shape": [1, "T", cfg.vocab_size], "dtype": "float16"}},
@@ -139,14 +147,21 @@ def write_sidecars(folder: Path, ckpt: Checkpoint, tok: Tokenizer | None, dtype:
         "chat_template": (tok.config.get("chat_template") if tok is not None else None),
         "neural_engine": {"compute_units": ane.compute_units, "state_multiple": ane.state_multiple,
                           "lm_head_max_width": ane.max_width,
-                          "lm_head_slices": [list(p.shape) for p in wrapper.lm_head]},
+                          "lm_head_slices": [[b - a, cfg.hidden_size] for a, b in slices]},
     }
     (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
 
 
-def _memory_bytes(cfg) -> int:
-    """fp32 reference + the converter's fp32 and fp16 copies of the weights + room."""
-    return int(cfg.num_parameters() * 4 * 2.5 + 2**30)
+def _memory_bytes(cfg, plan: ExportPlan) -> int:
+    """Building holds the stored weights (codes take a byte each in memory until written) plus one tensor in fp32;
+    the gate then holds the fp32 reference, and after it the executor's fp32 copy of the package's weights."""
+    from ..sizing import weight_bytes
+
+    stored = weight_bytes(cfg, plan.precision)[0]
+    biggest = cfg.vocab_size * cfg.hidden_size * 4
+    build = 2 * stored + 2 * biggest
+    gate = cfg.num_parameters() * 4 if plan.gate.enabled else 0
+    return int(max(build, gate) + 2**30)
 
 
 __all__ = ["export_coreml", "make_plan", "CoreMLTarget", "PACKAGE", "SIDECAR", "ParityError"]

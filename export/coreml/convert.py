@@ -1,4 +1,4 @@
-"""Reference -> Core ML ML Program: trace the stateful wrapper, convert for iOS 18, compress the weights, describe it.
+"""The Neural Engine options, the fp32 wrapper for checking the program's math, palettization, and the metadata.
 
 One function with a flexible query length (see docs/coreml.md for why not a prefill/decode multifunction package):
   inputIds   (1, T)          int32    the new tokens, 1 <= T <= context
@@ -13,7 +13,6 @@ import json
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from qwen2_ref.config import ModelArgs
@@ -21,11 +20,7 @@ from qwen2_ref.progress import status
 
 from ..precision import Precision
 
-from .model import StatefulQwen2, causal_mask
-
-# Example length for the trace: any T >= 2 works (the shapes it sees become symbolic); the past is empty.
-_TRACE_T = 3
-
+from .model import StatefulQwen2
 
 @dataclass(frozen=True)
 class NeuralEngineOptions:
@@ -40,105 +35,23 @@ def wrap(ref: torch.nn.Module, context: int, ane: NeuralEngineOptions) -> Statef
     return StatefulQwen2(ref, context, ane.state_multiple, ane.max_width).eval()
 
 
-def convert(wrapper: StatefulQwen2):
-    """Trace and convert to an fp16 ML Program with the KV cache as states (not yet compressed, not saved)."""
-    import coremltools as ct
-
-    cfg, ctx = wrapper.cfg, wrapper.context
-    ids = torch.zeros((1, _TRACE_T), dtype=torch.int32)
-    status(f"tracing the stateful wrapper ({cfg.num_hidden_layers} layers, context {ctx}) ...")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(wrapper, (ids, causal_mask(0, _TRACE_T)))
-    q_len = ct.RangeDim(1, ctx, default=1, symbol="queryLength")
-    end = ct.RangeDim(1, ctx, default=1, symbol="endStep")
-    cache = tuple(wrapper.keyCache.shape)
-    status("converting to a Core ML ML Program (iOS 18, fp16) ...")
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType("inputIds", shape=(1, q_len), dtype=np.int32),
-                ct.TensorType("causalMask", shape=(1, 1, q_len, end), dtype=np.float16)],
-        outputs=[ct.TensorType("logits", dtype=np.float16)],
-        states=[ct.StateType(ct.TensorType(shape=cache, dtype=np.float16), name="keyCache"),
-                ct.StateType(ct.TensorType(shape=cache, dtype=np.float16), name="valueCache")],
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
-        convert_to="mlprogram",
-        skip_model_load=True,  # Linux has no Core ML runtime; macOS loads it in the tests
-    )
-    del traced
-    return mlmodel
-
-
-def compression_config(precision: Precision):
-    """coremltools.optimize settings for a precision's weight format; None for float weights (no compression).
-    affine: `linear` quantization (symmetric per channel, or with offsets per block); palette: k-means tables."""
+def compress(mlmodel, precision: Precision):
+    """Palette precisions: coremltools' k-means palettization of the built fp16 program's linear and embedding
+    weights. The affine precisions (int4, int8) are built in their format (program.py) and pass through."""
+    fmt = precision.weights
+    if fmt is None or fmt.scheme != "palette":
+        return mlmodel
     from coremltools.optimize import coreml as cto
 
-    fmt = precision.weights
-    if fmt is None:
-        return None
-    if fmt.scheme == "affine":
-        granularity = {"granularity": "per_block", "block_size": fmt.block} if fmt.block else \
-            {"granularity": "per_channel"}
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric" if fmt.symmetric else "linear",
-                                         dtype=f"int{fmt.bits}", **granularity)
-    elif fmt.scheme == "palette":
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=fmt.bits, granularity="per_grouped_channel",
-                                    group_size=fmt.group)
-    else:
-        raise ValueError(f"{precision.name}: no Core ML compression for weight scheme {fmt.scheme!r}")
-    # Only the weights of linear layers and the embedding (a gather): a global config would also compress the
-    # RoPE tables (context x head_dim, above the size threshold) and wreck every position.
-    return cto.OptimizationConfig(op_type_configs={"linear": op, "gather": op})
-
-
-def compress(mlmodel, precision: Precision):
-    import coremltools.optimize.coreml as cto
-    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
-    from coremltools.models.utils import _apply_graph_pass
-
-    config = compression_config(precision)
-    if config is None:
-        return mlmodel
-    fmt = precision.weights
+    op = cto.OpPalettizerConfig(mode="kmeans", nbits=fmt.bits, granularity="per_grouped_channel",
+                                group_size=fmt.group)
+    # Only the weights of linear layers, the head (matmul) and the embedding (a gather): a global config would also
+    # compress the RoPE tables (context x head_dim, above the size threshold) and wreck every position.
+    config = cto.OptimizationConfig(op_type_configs={"linear": op, "matmul": op, "gather": op})
     status(f"compressing weights ({precision.name}) ...")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if fmt.scheme == "palette":
-            return cto.palettize_weights(mlmodel, config)
-        if not (fmt.bits == 4 and fmt.block and not fmt.symmetric):
-            return cto.linear_quantize_weights(mlmodel, config)
-        quantizer = _clip_searched_int4(fmt.block)
-        quantizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
-        return _apply_graph_pass(mlmodel, quantizer)
-
-
-def _clip_searched_int4(block: int):
-    """coremltools' linear quantization pass with its per-block arithmetic replaced by export/quant.py's: asymmetric
-    round-to-nearest where each block (of 32 for int4) also searches a clipped [min, max] for the least squared error.
-    coremltools' own (plain min/max, range forced to include 0) left the real 0.5B at max |Δ logits| 26.9 and top-1
-    agreement 0.82; the same quantizer the ONNX int4 export uses is measured in docs/coreml.md."""
-    from coremltools.converters.mil.mil import types
-    from coremltools.optimize import _utils as optimize_utils
-    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
-
-    from ..quant import QuantSpec, quantize_rtn
-
-    class ClipSearchedInt4(linear_quantize_weights):
-        @classmethod
-        def blockwise_compress_by_dtype(cls, data, dtype, mode, block_sizes):
-            bt = types.string_to_builtin(dtype) if isinstance(dtype, str) else dtype
-            if not (bt.get_bitwidth() == 4 and str(mode).upper() == "LINEAR" and data.ndim == 2
-                    and list(block_sizes) == [1, block]):
-                return super().blockwise_compress_by_dtype(data, dtype, mode, block_sizes)
-            q = quantize_rtn(torch.from_numpy(np.asarray(data, dtype=np.float32)), QuantSpec(4, block))
-            i4 = types.nptype_from_builtin(types.int4)  # signed codes: (code - 8) - (zero - 8) = code - zero
-            return optimize_utils.QuantParams(
-                data=(q.codes.astype(np.int16) - 8).astype(i4), scale=q.scales.astype(data.dtype),
-                offset=(q.zero_points.astype(np.int16) - 8).astype(i4), nbits=np.uint8(4))
-
-    return ClipSearchedInt4()
+        return cto.palettize_weights(mlmodel, config)
 
 
 def describe(mlmodel, cfg: ModelArgs, dtype: str, context: int, source: str, license_: str) -> None:

@@ -9,6 +9,7 @@ is wrong (`concat` with interleave, `cumsum` exclusive, `reduce_*` with array ax
 
 Precision: every op computes in float32 and rounds its result to the dtype the program declares (fp16 in an fp16
 program): the rounding a Core ML backend does at op boundaries, without the cost of numpy's slow fp16 arithmetic.
+Weights stay in their declared dtype between uses (the 0.5B's in fp16: 1 GB, not 2).
 The API mirrors `coremltools.models.MLModel`: `make_state()`, then `predict(inputs, state)`.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from qwen2_ref.errors import Qwen2Error
 
-from .mil_ops import _F32, _IMPLS, _constexpr
+from .mil_ops import _IMPLS, _constexpr
 
 
 def load_program(package: Path):
@@ -87,10 +88,10 @@ class MILModel:
         if op.op_type == "const" or op.op_type.startswith("constexpr_"):
             name = out[0].name
             if name not in self._consts:
-                # Weights kept in float32: exact for fp16 values, and numpy's fp16 matmul is slow.
-                val = out[0].val if op.op_type == "const" else _constexpr(op, self._const_input)
-                self._consts[name] = val.astype(_F32) if isinstance(val, np.ndarray) and val.dtype == np.float16 \
-                    else val
+                # Weights kept in their declared dtype (fp16: half the memory of float32; a dequantized constexpr
+                # is rounded to it already); ops convert them to float32 where they use them (`_f`), since
+                # numpy's fp16 matmul is slow.
+                self._consts[name] = out[0].val if op.op_type == "const" else _constexpr(op, self._const_input)
             env[name] = self._consts[name]
             return
         impl = _IMPLS.get(op.op_type)

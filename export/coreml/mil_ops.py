@@ -29,14 +29,29 @@ def _blocks(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _constexpr(op, const: Callable) -> np.ndarray:
-    """Dequantize a compile-time op into float32 (iOS 16 and iOS 18 forms)."""
+    """Dequantize a compile-time op (iOS 16 and iOS 18 forms): float32, or the op's declared float dtype."""
     t = op.op_type
     if t == "constexpr_blockwise_shift_scale":
-        data = _f(const(op, "data")).astype(_F32)
-        scale, offset = _f(const(op, "scale")), const(op, "offset")
-        if offset is not None:
-            data = data - _blocks(_f(offset).astype(_F32), data.shape)
-        return data * _blocks(scale, data.shape)
+        # The result has the scale's dtype (fp16 here): the weight a Core ML backend multiplies with. Computed in
+        # float32 a slab of rows at a time, per-block parameters broadcast over a blocked view, so no float32 copy
+        # of a whole weight exists (the 151,936 x 896 embedding is 0.5 GB in float32).
+        scale, offset = np.asarray(const(op, "scale")), const(op, "offset")
+        offset = None if offset is None else np.asarray(offset).astype(_F32)
+        data = np.asarray(const(op, "data"))
+        out = np.empty(data.shape, dtype=scale.dtype)
+        per_row = data.shape[0] // scale.shape[0]  # data rows per scale row
+        step = per_row * max(1, 8192 // per_row)
+        for a in range(0, data.shape[0], step):
+            s = slice(a // per_row, (a + step) // per_row)
+            chunk = data[a:a + step].astype(_F32)
+            sc = scale[s]
+            view = chunk.reshape([x for n, m in zip(chunk.shape, sc.shape) for x in (m, n // m)])
+            per_block = [x for m in sc.shape for x in (m, 1)]
+            if offset is not None:
+                view -= offset[s].reshape(per_block)
+            view *= sc.astype(_F32).reshape(per_block)
+            out[a:a + step] = chunk
+        return out
     if t == "constexpr_lut_to_dense":
         idx, lut = np.asarray(const(op, "indices")).astype(np.int64), _f(const(op, "lut"))
         vec = lut.shape[-1]

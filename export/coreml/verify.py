@@ -63,14 +63,15 @@ def _check_unpadded(ids: np.ndarray, mask: np.ndarray) -> None:
 
 def dequantized_wrapper(wrapper: StatefulQwen2, package_model) -> StatefulQwen2:
     """`wrapper` (fp32) with every weight the package compressed replaced by its dequantized value: what the
-    package computes, up to fp16 activation rounding. Matches package consts to parameters by their traced names."""
+    package computes, up to fp16 activation rounding. Package weights are named after the parameters
+    (program.const_name, a compression pass may add a suffix); the head's slices are rows of the package's one head
+    table (the embedding's, when tied)."""
     from .mil_exec import MILModel
 
     if not isinstance(package_model, MILModel):
         raise TypeError("the dequantized weights are read through the MIL executor")
     weights = package_model.dequantized_weights()
     params = dict(wrapper.named_parameters())
-    original = {n: p.detach().clone() for n, p in params.items()}
     matched: dict[str, np.ndarray] = {}
     for name, p in params.items():
         key = name.replace(".", "_")
@@ -79,11 +80,14 @@ def dequantized_wrapper(wrapper: StatefulQwen2, package_model) -> StatefulQwen2:
             matched[name] = weights[hits[0]]
     if len({id(v) for v in matched.values()}) != len(weights):
         raise AssertionError(f"matched {len(matched)} of {len(weights)} compressed weights to parameters")
-    # coremltools stores equal consts once: a tied embedding equal to the (single) head slice is the head's const.
-    for name in set(params) - set(matched):
-        twin = next((m for m in matched if torch.equal(original[name], original[m])), None)
-        if twin is not None:
-            matched[name] = matched[twin]
+    head = matched.get("ref.lm_head.weight", matched.get("ref.model.embed_tokens.weight"))
+    own_slices = any(op.op_type == "const" and op.name == "lm_head_0"  # palettize4: head slices of their own
+                     for op in package_model.func.operations)
+    if head is not None and not own_slices:
+        start = 0
+        for j, part in enumerate(wrapper.lm_head):
+            matched[f"lm_head.{j}"] = head[start:start + part.shape[0]]
+            start += part.shape[0]
     with torch.no_grad():
         for name, p in params.items():
             p.data = torch.from_numpy(matched[name].astype(np.float32)) if name in matched else p.data.clone()
