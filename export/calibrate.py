@@ -177,3 +177,27 @@ def keep_exact(results: dict[str, Calibrated], source, threshold: float | None =
     from .quant import GGUF_EXACT
 
     return {n for n, c in results.items() if c.error > threshold and source.tensor_type(n) in GGUF_EXACT}
+
+
+# The fp32 reference bigger than this is not materialized: such models are quantized without calibration.
+MAX_REFERENCE_BYTES = 6 * 2**30
+
+
+def calibrated_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Module],
+                       text: str | Path | None = None) -> tuple[dict[str, "Calibrated"], dict]:
+    """The calibrated recipe for an export, any target: GPTQ results for the linear weights `names` (those a GGUF
+    keeps exactly, by `keep_exact`, left out), and what the report says. GPTQ runs on the fp32 reference, so it
+    needs the whole reference in memory: bigger models are quantized without it (said in the report)."""
+    from qwen2_ref.progress import status
+
+    cfg = ckpt.config
+    if cfg.num_parameters() * 4 > MAX_REFERENCE_BYTES:
+        status(f"note: calibration needs the fp32 reference in memory ({cfg.num_parameters() * 4 / 2**30:.0f} GiB);"
+               " this size is quantized without it (a GGUF's exact blocks, else round-to-nearest)")
+        return {}, {"method": "none: the fp32 reference is too large to calibrate on (GGUF blocks kept exactly "
+                              "where possible, else round-to-nearest)"}
+    results, info = calibrate_checkpoint(load_model, ckpt.tokenizer(), names, text)
+    exact = keep_exact(results, ckpt.source)
+    info["kept_exact"] = {n: ckpt.source.tensor_type(n) for n in sorted(exact)}
+    info["gptq_output_error"] = {n: round(c.error, 6) for n, c in sorted(results.items())}
+    return {n: c for n, c in results.items() if n not in exact}, info

@@ -53,7 +53,8 @@ class ExportPlan:
     precision: Precision
     recipe: str | None  # quantized precisions: "calibrated" (GPTQ against the reference's inputs on a calibration
     # text; a GGUF keeps its exact blocks where they are worth their bits), "gguf-exact" (a GGUF keeps its blocks
-    # where the target can run them) or "requantize" (plain round-to-nearest from floats); None for floats
+    # where the target can run them), "requantize" (plain round-to-nearest from floats) or "palettize" (Core ML
+    # k-means tables); None for floats
     lowering: str | None  # ONNX: "fused" | "function"; Core ML: None
     context: int  # positions the export is made for (Core ML: before padding to the profile's state multiple)
     profile: devices.DeviceProfile | None
@@ -171,17 +172,22 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
         raise Qwen2Error(f"--requantize applies to quantized precisions, not {prec.name}")
     if requantize and quantizer not in (None, "rtn"):
         raise Qwen2Error(f"--requantize is --quantizer rtn; it contradicts --quantizer {quantizer}")
+    if requantize and target == "coreml" and prec.name != "int4":
+        raise Qwen2Error(f"--requantize applies to Core ML int4 (Core ML {prec.name} is made from float weights "
+                         "anyway)")
     quantizer = "rtn" if requantize else quantizer
     if quantizer is not None:
         if quantizer not in QUANTIZERS:
             raise Qwen2Error(f"--quantizer {quantizer!r} is not one of {', '.join(QUANTIZERS)}")
-        if target != "onnx" or not prec.quantized:
-            raise Qwen2Error(f"--quantizer applies to quantized ONNX precisions, not {RUNTIME_NAME[target]} "
+        if not prec.quantized or (target == "coreml" and prec.name != "int4"):
+            raise Qwen2Error(f"--quantizer applies to ONNX int4 and Core ML int4, not {RUNTIME_NAME[target]} "
                              f"{prec.name}")
-    recipe = None if not prec.quantized else "requantize" if target != "onnx" \
-        else QUANTIZERS[quantizer or DEFAULT_QUANTIZER]
+    if target == "coreml" and prec.quantized and prec.name != "int4":  # int8 per channel, palettize4: from floats
+        recipe = "palettize" if prec.weights.scheme == "palette" else "requantize"
+    else:
+        recipe = QUANTIZERS[quantizer or DEFAULT_QUANTIZER] if prec.quantized else None
     if calibration is not None and recipe != "calibrated":
-        raise Qwen2Error("--calibration applies to the calibrated quantizer (ONNX int4, --quantizer calibrated)")
+        raise Qwen2Error("--calibration applies to the calibrated quantizer (int4, --quantizer calibrated)")
     if calibration is not None and not Path(calibration).expanduser().is_file():  # before any work, not at build
         raise Qwen2Error(f"--calibration {calibration}: no such file (expected a UTF-8 text file)")
     if out is None:

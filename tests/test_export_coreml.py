@@ -116,6 +116,23 @@ def test_graph_states_attention_and_io(exports):
     assert report["lm_head_slices"] == [[171, 64], [170, 64], [171, 64]]
 
 
+def test_calibrated_int4(tiny_export):
+    """--quantizer calibrated: every linear weight GPTQ 4-bit against the reference's activations (the embedding,
+    a gather, clip-searched); the package computes what its dequantized weights say."""
+    ckpt, out, report = tiny_export("tiny", "int4", target="coreml", context=TINY_CONTEXT, device=TINY_PROFILE,
+                                    quantizer="calibrated")
+    formats = {n: w["format"] for n, w in report["weights"].items() if w["format"] != "fp16"}
+    assert formats.pop("model.embed_tokens.weight").startswith("4-bit per 32, clip-searched")
+    assert formats and all(f == "GPTQ 4-bit per 32 (calibrated)" for f in formats.values())
+    assert report["plan"]["recipe"] == "calibrated" and report["calibration"]["method"] == "gptq"
+    executor = MILModel(out / PACKAGE)
+    wrapper = wrap(copy.deepcopy(ckpt.load_model(progress=False)), TINY_CONTEXT,
+                   NeuralEngineOptions(32, TINY_PROFILE.ane_max_width)).float()
+    d = check_parity(verify.package_step(executor), verify.wrapper_step(verify.dequantized_wrapper(wrapper, executor)),
+                     [PROMPT], 4, COREML_TINY_DEQUANTIZED, "MIL executor")
+    assert d.passed, d
+
+
 # one GGML type per tensor kind; K = 256 everywhere (K-quants' super-blocks)
 BLOCK_TYPES = {"token_embd.weight": "Q6_K", "attn_q.weight": "Q4_K", "attn_k.weight": "Q4_0",
                "attn_v.weight": "Q5_0", "attn_output.weight": "Q8_0", "ffn_gate.weight": "Q4_1",

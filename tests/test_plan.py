@@ -41,6 +41,18 @@ def test_profile_defaults_and_overrides_are_reported():
     assert make_plan("onnx", SMALL, device="x86-2core", requantize=True).recipe == "requantize"
 
 
+def test_coreml_recipes():
+    """Core ML int4 keeps a GGUF's blocks unless --requantize; int8 and palettize4 are made from floats."""
+    assert make_plan("coreml", TINY).recipe == "gguf-exact"
+    assert make_plan("coreml", TINY, requantize=True).recipe == "requantize"
+    assert make_plan("coreml", TINY, quantizer="calibrated").recipe == "calibrated"
+    assert make_plan("coreml", TINY, dtype="int8").recipe == "requantize"
+    assert make_plan("coreml", TINY, dtype="palettize4").recipe == "palettize"
+    assert make_plan("coreml", TINY, dtype="fp16").recipe is None
+    with pytest.raises(Qwen2Error, match="--requantize applies to Core ML int4"):
+        make_plan("coreml", TINY, dtype="int8", requantize=True)
+
+
 def test_coreml_defaults_to_the_phone_profile():
     p = make_plan("coreml", TINY)
     assert (p.profile.name, p.precision.name, p.context, p.lowering) == ("iphone-15-pro", "int4", 4096, None)

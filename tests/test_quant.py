@@ -119,7 +119,7 @@ def test_plan_quantizer_choices():
     assert make_plan("onnx", ckpt, dtype="int4", quantizer="calibrated").recipe == "calibrated"
     assert make_plan("onnx", ckpt, dtype="int4", quantizer="rtn").recipe == "requantize"
     assert make_plan("onnx", ckpt, dtype="int4", requantize=True).recipe == "requantize"
-    for kw, msg in (({"dtype": "fp32", "quantizer": "rtn"}, "--quantizer applies to quantized"),
+    for kw, msg in (({"dtype": "fp32", "quantizer": "rtn"}, "--quantizer applies to ONNX int4 and Core ML int4"),
                     ({"dtype": "int4", "quantizer": "exact", "calibration": "x.txt"}, "--calibration applies"),
                     ({"dtype": "int4", "quantizer": "gptq"}, "is not one of"),
                     ({"dtype": "int4", "quantizer": "exact", "requantize": True}, "contradicts")):

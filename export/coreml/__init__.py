@@ -84,7 +84,8 @@ class CoreMLTarget:
         facts: dict = {"minimum_deployment_target": "iOS18 / macOS15", "compute_precision": prec.hf_torch_dtype,
                        "context_requested": plan.context}
         t1 = time.perf_counter()
-        weights = Weights(ckpt.source, prec)
+        calibrated, facts["calibration"] = self._calibrated(ckpt, plan)
+        weights = Weights(ckpt.source, prec, requantize=plan.recipe == "requantize", calibrated=calibrated)
         prog, context = build_program(cfg, weights, plan.context, ane.state_multiple, ane.max_width)
         facts["build_s"] = round(time.perf_counter() - t1, 2)
         status(f"converting to a Core ML ML Program (iOS 18, fp16; {cfg.num_hidden_layers} layers, context "
@@ -112,6 +113,22 @@ class CoreMLTarget:
                   "weights_mib": round(weights.stored_bytes / 2**20, 1), "weights": weights.report}
         write_sidecars(folder, ckpt, tokenizer(), prec.name, context, state, slices, ane)
         return facts
+
+    @staticmethod
+    def _calibrated(ckpt: Checkpoint, plan: ExportPlan) -> tuple[dict, dict | None]:
+        """--quantizer calibrated: GPTQ 4-bit for every linear weight (the embedding excepted: a gather has no
+        inputs to calibrate against) against the fp32 reference's own inputs; it needs that reference in memory."""
+        if plan.recipe != "calibrated":
+            return {}, None
+        from qwen2_ref.weights import expected_tensors
+
+        from ..calibrate import calibrated_weights
+        from ..precision import quantizable
+
+        names = {n for n, shape in expected_tensors(ckpt.config).items()
+                 if quantizable(n, shape) and "embed_tokens" not in n}
+        results, info = calibrated_weights(ckpt, names, lambda: ckpt.load_model(progress=False), plan.calibration)
+        return {n: c.quantized for n, c in results.items()}, info
 
     @contextmanager
     def gate_subject(self, ckpt: Checkpoint, plan: ExportPlan, folder: Path):

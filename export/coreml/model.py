@@ -1,4 +1,7 @@
-"""A conversion-friendly view of the reference: the same weights and math, shaped for Core ML.
+"""The Core ML program's math as a torch module over the reference's weights: the readable fp32 statement of what
+program.py writes op for op with the MIL builder (the package is no longer traced from it). The tests check it
+against the reference in fp32, and run it with a package's own dequantized weights as the tight check of the
+package (verify.dequantized_wrapper).
 
 What differs from `qwen2_ref.model` (the math does not):
 - the KV cache is two registered buffers, `keyCache` / `valueCache` (layers, 1, kv_heads, context, head_dim), that
@@ -51,8 +54,8 @@ class StatefulQwen2(nn.Module):
         cos, sin = rope.rope_tables(cfg, self.context)  # (context, hd)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # The head's slices as parameters of their own: named consts `lm_head_N` in the package. Copies, so a tied
-        # embedding stays a const of its own (the trace merges equal tensors: an uncompressed gather would follow).
+        # The head's slices as parameters of their own (copies): the package's head reads row slices of its one
+        # table; verify.dequantized_wrapper fills these from it.
         w = ref.lm_head.weight.detach()
         self.lm_head = nn.ParameterList(nn.Parameter(w[a:b].clone(), requires_grad=False)
                                         for a, b in head_slices(cfg.vocab_size, head_width))

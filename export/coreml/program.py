@@ -12,8 +12,10 @@ Weights (`Weights.linear`), by precision:
 - int8: 8-bit symmetric codes, one fp16 scale per output channel;
 - int4: a GGUF tensor keeps its own blocks where the op can express them (Q4_0, Q4_1, Q4_K as 4-bit codes with an
   fp16 scale and offset per 32; Q5_0, Q8_0 per 32 and Q6_K per 16 as 8-bit codes), exactly as llama.cpp
-  dequantizes them up to fp16 rounding; float weights (and other GGUF types) get asymmetric 4-bit per block of 32
-  with a clipping search (export/quant.py). What each tensor got goes into the report.
+  dequantizes them up to fp16 rounding; float weights (and other GGUF types, and everything with --requantize) get
+  asymmetric 4-bit per block of 32 with a clipping search (export/quant.py); --quantizer calibrated gives every
+  linear weight GPTQ 4-bit against the reference's own activations (export/calibrate.py). What each tensor got
+  goes into the report.
 A tied embedding is one table: the embedding's gather and the LM head read the same constant.
 """
 
@@ -48,6 +50,7 @@ class Weights:
     source: WeightSource
     precision: Precision
     requantize: bool = False  # int4: never carry a GGUF's blocks over
+    calibrated: dict = field(default_factory=dict)  # int4: parameter -> Quantized by GPTQ (export/calibrate.py)
     report: dict = field(default_factory=dict)  # parameter -> what was stored
     stored_bytes: float = 0.0  # the weights' bytes in their stored format (4-bit codes count half a byte)
 
@@ -103,6 +106,9 @@ class Weights:
 
     def _int4(self, param: str, k: int, block: int):
         """(what is stored, its QuantSpec or None for fp16, rows -> Quantized)."""
+        if param in self.calibrated:
+            q = self.calibrated.pop(param)  # used once
+            return (f"GPTQ 4-bit per {q.spec.block} (calibrated)", q.spec, q.rows)
         raw = getattr(self.source, "raw", None)
         gtype = self.source.tensor_type(param) if raw is not None else None
         if gtype in GGUF_EXACT and not self.requantize:

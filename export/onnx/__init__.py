@@ -21,7 +21,7 @@ from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.progress import counter, status
 from qwen2_ref.weights import expected_tensors, load_into
 
-from ..calibrate import calibrate_checkpoint, keep_exact
+from ..calibrate import MAX_REFERENCE_BYTES, calibrated_weights
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
 from ..plan import ExportPlan, make_plan
@@ -38,7 +38,7 @@ from .verify import backend, onnx_step, read_dequantized, seqlens_step, session
 from .weights import WeightStreamer
 
 # A reference bigger than this (fp32 bytes) is not materialized for the gate; a 2-layer truncation is checked.
-FULL_REFERENCE_MAX_BYTES = 6 * 2**30
+FULL_REFERENCE_MAX_BYTES = MAX_REFERENCE_BYTES
 TRUNCATED_GATE_LAYERS = 2
 
 __all__ = ["export_onnx", "build_onnx", "make_plan", "reference_model", "dequantized_reference", "ParityError",
@@ -146,24 +146,12 @@ def _root_cause(e: BaseException) -> BaseException:
 
 def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers: int | None
                 ) -> tuple[dict, dict | None]:
-    """The calibrated recipe's GPTQ results for the traced graph's linear weights ({} for other recipes).
-    GPTQ runs on the fp32 reference, so it needs the whole reference in memory: bigger models are quantized
-    without it (said in the report)."""
+    """The calibrated recipe's GPTQ results for the traced graph's linear weights ({} for other recipes). The
+    size limit is the whole model's, so a big model's gate (its first layers) is quantized as the export is."""
     if plan.recipe != "calibrated":
         return {}, None
-    cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
-    if cfg.num_parameters() * 4 > FULL_REFERENCE_MAX_BYTES:
-        status(f"note: calibration needs the fp32 reference in memory ({cfg.num_parameters() * 4 / 2**30:.0f} GiB);"
-               " this size is quantized without it (a GGUF's exact blocks, else round-to-nearest)")
-        return {}, {"method": "none: the fp32 reference is too large to calibrate on (GGUF blocks kept exactly "
-                              "where possible, else round-to-nearest)"}
     names = {n for n, v in model.graph.initializers.items() if quantizable(n, v.shape) and "embed_tokens" not in n}
-    results, info = calibrate_checkpoint(lambda: reference_model(ckpt, num_layers), ckpt.tokenizer(), names,
-                                         plan.calibration)
-    exact = keep_exact(results, ckpt.source)
-    info["kept_exact"] = {n: ckpt.source.tensor_type(n) for n in sorted(exact)}
-    info["gptq_output_error"] = {n: round(c.error, 6) for n, c in sorted(results.items())}
-    return {n: c for n, c in results.items() if n not in exact}, info
+    return calibrated_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration)
 
 
 def _expert_quant(cfg, base: QuantSpec | None) -> QuantSpec | None:
