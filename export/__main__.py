@@ -132,7 +132,7 @@ def plan(size, device, dtype, activations, max_context):
     from rich.console import Console
     from rich.table import Table
 
-    from .sizing import plan_for
+    from .plan import plan_for
 
     rows, notes = plan_for(size, device, dtype, max_context, activations)
     for note in notes:

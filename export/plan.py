@@ -13,9 +13,11 @@ from pathlib import Path
 
 import devices
 from qwen2_ref.checkpoint import Checkpoint
+from qwen2_ref.config import ModelArgs, from_name
 from qwen2_ref.errors import Qwen2Error
 
 from . import precision as precisions
+from . import sizing
 from .precision import Precision
 from .tolerances import Tolerance
 
@@ -108,15 +110,13 @@ def _precision(target: str, cfg, prof: devices.DeviceProfile | None, dtype: str 
                context: int, lowering: str | None, notes: list[str]) -> Precision:
     """--dtype and --activations, else the profile's (default_dtype "auto": the best that fits), else the
     target's default."""
-    from . import sizing
-
     if prof is None:
         return precisions.get(target, dtype or DEFAULTS[target]["dtype"]).with_activations(activations)
     if dtype is None and prof.default_dtype == "auto":
-        return sizing.choose(cfg, prof, context, lowering, activations)
+        return choose(cfg, prof, context, lowering, activations)
     name = dtype if prof.default_dtype == "auto" else settle("--dtype", dtype, prof.default_dtype, prof, notes)
     what = "--dtype" if dtype is not None else f"device profile {prof.name}'s default_dtype"
-    return sizing.precision_for(prof, name, activations, what, notes)
+    return precision_for(prof, name, activations, what, notes)
 
 
 def _attention(cfg, prof: devices.DeviceProfile | None, attention: str | None, lowering: str,
@@ -198,3 +198,67 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
     return ExportPlan(target, prec, recipe, low, int(ctx), prof, GateSettings(verify, tolerance, gate_batch),
                       Path(out), overwrite, tuple(notes), Path(calibration) if calibration is not None else None,
                       layout)
+
+
+def precision_for(prof: devices.DeviceProfile, name: str, activations: str | None = None, what: str = "--dtype",
+                  notes: list[str] | None = None) -> Precision:
+    """A --dtype of the profile's runtime computing in `activations` (the flag, else the profile's; a profile's
+    activations apply to the precisions that take them, quantized ONNX, and pass the others by)."""
+    prec = precisions.get(prof.runtime, name, what)
+    if activations is not None:
+        settle("--activations", activations, prof.activations if prec.quantized else None, prof,
+               notes if notes is not None else [])
+        return prec.with_activations(activations)
+    return prec.with_activations(prof.activations) if prec.quantized and prof.runtime == "onnx" else prec
+
+
+def options(cfg: ModelArgs, prof: devices.DeviceProfile, context: int, lowering: str | None = "fused",
+            activations: str | None = None) -> list[tuple[Precision, dict]]:
+    """Every precision of the profile's runtime with its `fit`, in --dtype order (`activations` applied to those
+    that take them)."""
+    out = []
+    for n in precisions.names(prof.runtime):
+        p = precision_for(prof, n, activations if precisions.get(prof.runtime, n).quantized else None)
+        out.append((p, sizing.fit(cfg, prof, p, context, lowering)))
+    return out
+
+
+def choose(cfg: ModelArgs, prof: devices.DeviceProfile, context: int, lowering: str | None = "fused",
+           activations: str | None = None) -> Precision:
+    """default_dtype "auto": the first of the profile's `auto_dtypes` whose weights and KV cache at `context`
+    fit its memory; none fitting is a one-line error naming the smallest."""
+    tried = [(p, sizing.fit(cfg, prof, p, context, lowering))
+             for p in (precision_for(prof, n, activations) for n in prof.auto_dtypes)]
+    for p, f in tried:
+        if f["fits"]:
+            return p
+    p, f = min(tried, key=lambda t: t[1]["total_gib"])
+    raise Qwen2Error(f"nothing fits device profile {prof.name} ({prof.memory_gib:g} GiB): the smallest, {p.label}, "
+                     f"needs {f['total_gib']:.1f} GiB ({f['weights_gib']:.1f} weights + {f['kv_cache_gib']:.1f} KV "
+                     f"cache at {context} tokens); pass a shorter --max-context or a device with more memory")
+
+
+def plan_for(size: str, device: str, dtype: str | None = None, context: int | None = None,
+             activations: str | None = None) -> tuple[list[dict], list[str]]:
+    """`python -m export plan`: every precision of the profile's runtime for a size at the profile's context
+    (unless overridden), one row each (`fit` plus dtype, context and `chosen`: the one `export` would make with
+    the same flags; none when nothing fits). Returns the rows and the notes on overridden profile values."""
+    prof = devices.get(device)
+    notes: list[str] = []
+    cfg = from_name(size)
+    ctx = settle("--max-context", context, prof.default_context, prof, notes)
+    lowering = prof.onnx_lowering if prof.runtime == "onnx" else None
+    if dtype is not None:
+        if prof.default_dtype != "auto":
+            settle("--dtype", dtype, prof.default_dtype, prof, notes)
+        chosen = precision_for(prof, dtype, activations, notes=notes)
+    elif prof.default_dtype == "auto":
+        try:
+            chosen = choose(cfg, prof, ctx, lowering, activations)
+        except Qwen2Error as e:
+            chosen, notes = None, notes + [str(e)]
+    else:
+        chosen = precision_for(prof, prof.default_dtype, activations, f"device profile {prof.name}'s default_dtype",
+                               notes)
+    return [f | {"dtype": p.label, "context": ctx, "chosen": p == chosen}
+            for p, f in options(cfg, prof, ctx, lowering, activations)], notes

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import precision, sizing
+from export import plan as plans, precision
 from export.plan import make_plan
 from export.quant import QuantSpec
 from export.tolerances import COREML_GATE, GATE, GATE_ACTIVATIONS
@@ -105,7 +105,7 @@ def test_gpu_profiles_pick_the_best_precision_that_fits(size, device, want):
     if p.precision.quantized:
         assert p.precision.activations == "fp16" and p.precision.weights.scale_bytes == 2
         assert p.out.name == f"qwen2-{size}-int4-fp16act" and p.recipe == "gguf-exact"
-    rows, notes = sizing.plan_for(size, device)
+    rows, notes = plans.plan_for(size, device)
     chosen = [r for r in rows if r["chosen"]]
     assert [r["dtype"] for r in rows] == ["fp32", "fp16", "int4 (fp16 activations)"] and notes == []
     assert len(chosen) == 1 and chosen[0]["dtype"] == want and chosen[0]["fits"]
@@ -116,7 +116,7 @@ def test_nothing_fits_is_one_line_naming_the_smallest():
     with pytest.raises(Qwen2Error, match=r"nothing fits device profile a10g \(22 GiB\): the smallest, int4 \(fp16 "
                                          r"activations\), needs .* GiB .*--max-context"):
         make_plan("onnx", BIG["72b"], device="a10g")
-    rows, notes = sizing.plan_for("72b", "a10g")
+    rows, notes = plans.plan_for("72b", "a10g")
     assert not any(r["chosen"] for r in rows) and "nothing fits" in notes[0]
 
 

@@ -1,4 +1,4 @@
-"""`export_coreml`: the reference converted to a stateful Core ML ML Program, compressed, proved on Linux, published.
+"""`export_coreml`: the checkpoint built into a stateful Core ML ML Program (program.py), proved on Linux, published.
 
 Output folder:
   Qwen2.mlpackage        the model (iOS 18 / macOS 15): inputIds + causalMask -> logits, states keyCache/valueCache
