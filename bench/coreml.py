@@ -56,14 +56,15 @@ def main(folders, tokens, greedy_tokens):
         del model
     print(f"\n{len(ids)} tokens of heapq.py; fp32 reference perplexity {base:.4f}; greedy: {greedy_tokens} tokens "
           f"from {PROMPT!r}; {platform.processor() or platform.machine()}\n")
-    print("| dtype (recipe) | package MiB | export s (build, convert) | peak RSS GiB (export / with gate) | gate max abs "
-          "dlogits, top-1 | perplexity | vs fp32 | greedy tokens equal to fp32's |\n|---|---|---|---|---|---|---|---|")
+    print("| dtype (recipe) | package MiB | export s (build, convert) | peak RSS GiB (export / with gate) | "
+          "gate max abs dlogits, top-1 | perplexity | vs fp32 | greedy tokens equal to fp32's |\n"
+          "|---|---|---|---|---|---|---|---|")
     for rep, ppl, agree, backend in rows:
         par = rep.get("parity", {})
         gate = f"{par['max_abs_logits']:.3f}, {par['top1_agreement']:.3f}" if "max_abs_logits" in par else "skipped"
         recipe = rep["plan"].get("recipe")
-        print(f"| {rep['dtype']}{f' ({recipe})' if recipe else ''} | {rep['files_mib'][PACKAGE]:.0f} | {rep['wall_s']:.0f} ({rep.get('build_s', 0):.0f}, "
-              f"{rep.get('convert_s', 0):.0f}) | {rep['export_peak_rss_mib'] / 1024:.2f} / "
+        print(f"| {rep['dtype']}{f' ({recipe})' if recipe else ''} | {rep['files_mib'][PACKAGE]:.0f} | "
+              f"{rep['wall_s']:.0f} ({rep.get('build_s', 0):.0f}, {rep.get('convert_s', 0):.0f}) | {rep['export_peak_rss_mib'] / 1024:.2f} / "
               f"{rep['peak_rss_mib'] / 1024:.2f} | {gate} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f}% | "
               f"{agree}/{greedy_tokens} |")
     print(f"\nrun by: {rows[0][3] if rows else '-'}")

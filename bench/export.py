@@ -5,7 +5,8 @@
     python bench/export.py --case 7b=/tmp/ckpt-7b:int4 --case 72b-2l=/tmp/ckpt-72b-2l:fp16:noverify
 
 A case is LABEL=SOURCE:DTYPE[:noverify][:coreml], SOURCE a size (its default checkpoint), `random-SIZE`, or a
-checkpoint path; `coreml` exports a Core ML package instead of ONNX. Each export runs in its own process, so peak RSS is that export's alone. Make big random checkpoints with
+checkpoint path; `coreml` exports a Core ML package instead of ONNX. Each export runs in its own process, so peak
+RSS is that export's alone. Make big random checkpoints with
 bench/make_checkpoint.py. A benchmark, not a test: nothing here asserts.
 """
 
@@ -52,7 +53,8 @@ def run_case(case: str, workdir: Path) -> dict:
         return {"label": label, "dtype": dtype, "error": errs[-1:] or proc.stderr.strip().splitlines()[-2:-1]}
     rep = json.loads((out / "export_report.json").read_text())
     par = rep["parity"]
-    row = {"label": label, "dtype": dtype if target == "onnx" else f"{dtype} (Core ML)", "wall_s": wall, "export_rss_mib": rep["export_peak_rss_mib"],
+    row = {"label": label, "dtype": dtype if target == "onnx" else f"{dtype} (Core ML)", "wall_s": wall,
+           "export_rss_mib": rep["export_peak_rss_mib"],
            "total_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
            "disk_mib": sum(rep["files_mib"].values()),
            "parity": "skipped" if "skipped" in par else f"{par['max_abs_logits']:.2e} ({par['scope']})"}

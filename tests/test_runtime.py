@@ -134,8 +134,8 @@ def test_bias_export_on_onnxruntime_gpu_131_is_one_line(tiny, monkeypatch):
 
     def old_ort(*a, **k):
         raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model failed:This is an invalid model. "
-                           "Error Node(node_group_query_attention__2) with schema(com.microsoft::GroupQueryAttention:1) "
-                           "has input size 17 not in range [min=7, max=16].")
+                           "Error Node(node_group_query_attention__2) with schema("
+                           "com.microsoft::GroupQueryAttention:1) has input size 17 not in range [min=7, max=16].")
 
     monkeypatch.setattr(ort, "InferenceSession", old_ort)
     with pytest.raises(Qwen2Error, match=r"model.onnx: its attention \(--attention bias: a padding bias and "

@@ -149,7 +149,7 @@ def build_program(cfg: ModelArgs, weights: Weights, context: int, state_multiple
 
     ctx = padded(context, state_multiple)
     L, H = cfg.num_hidden_layers, cfg.hidden_size
-    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    hkv, hd = cfg.num_key_value_heads, cfg.head_dim
     cache = (L, 1, hkv, ctx, hd)
     cos, sin = (t.to(torch.float16).numpy() for t in rope.rope_tables(cfg, ctx))  # (ctx, hd)
     T, E = get_new_symbol(), get_new_symbol()
