@@ -1,0 +1,217 @@
+"""Continuous batching: many sequences share each decode step of one export, joining and leaving independently.
+
+The engine owns a Runner and one shared KV cache of `slots` rows (kv.py; each row a contiguous slice of every layer's
+buffer). A request waits in a bounded queue; when a row is free it is prefilled into that row alone, `chunk` prompt
+tokens per scheduler step (a batch of one bound to the row's slice: `KVCache.bind_row`), then it decodes with every
+other running row in one forward step per token, each row at its own length. A row that finishes, is cancelled or
+passes its deadline is freed at the next step; the others never restart. Between two decode steps at most one
+prefill chunk runs, so a newcomer delays the running streams by one chunk at most.
+
+This needs an export whose attention reads each row's length from its own mask row ("seqlens": `python -m export
+onnx --attention seqlens`, the CUDA profiles' default): with the CPU profiles' padding-bias layout every row writes
+its new key at one shared position, so rows cannot be at different lengths.
+
+Rows not decoding still ride along in a decode step (the batch is always `slots` rows): a free row writes one key at
+its position 0, a row still being prefilled one key just after its prompt so far, each overwritten by that row's
+next prefill; decode is memory-bound, so an idle row costs little.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from qwen2_ref.errors import Qwen2Error
+from qwen2_ref.generate import next_token
+
+from .runner import GenerationConfig, Runner, _StopText, apply_repetition_penalty
+
+
+class QueueFull(Qwen2Error):
+    """The engine's waiting queue is full: the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class Request:
+    """One sequence: its prompt, its sampling, and what it has produced. `on_token(token, text)` is called from
+    the engine's thread for each new token (text: the piece that became safe to show, possibly empty); `finish`
+    is set once (stop | length | context | cancelled | deadline) and `done` fires."""
+
+    prompt: list[int]
+    params: GenerationConfig
+    on_token: Callable[[int, str], None] | None = None
+    deadline: float | None = None  # time.monotonic() after which the request ends ("deadline")
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    _cancel: bool = False
+
+    def cancel(self) -> None:
+        """End the request at the engine's next step (a client that went away)."""
+        self._cancel = True
+
+
+@dataclass
+class _Slot:
+    req: Request
+    fed: int = 0  # prompt tokens already in the cache
+    next_token: int | None = None  # sampled, not yet fed
+    gen: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # repetition penalty: tokens seen
+    text: _StopText | None = None
+
+
+class BatchEngine:
+    def __init__(self, runner: Runner, slots: int = 4, capacity: int | None = None, chunk: int = 256,
+                 max_queue: int = 64):
+        """`slots`: sequences decoded together; `capacity`: each sequence's longest prompt + output (default: the
+        export's context); `chunk`: prompt tokens per prefill step; `max_queue`: requests waiting for a slot."""
+        if not runner.per_row:
+            raise Qwen2Error(f"{runner.folder.path}: continuous batching needs an export whose rows keep their own "
+                             "lengths: re-export with --attention seqlens")
+        self.runner, self.slots = runner, slots
+        self.capacity = min(capacity or runner.folder.context, runner.folder.context)
+        self.chunk, self.max_queue = chunk, max_queue
+        runner._ensure_cache(slots, self.capacity)
+        self.cache = runner.cache
+        self.rows: list[_Slot | None] = [None] * slots
+        self.waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self.steps = 0  # decode steps run
+
+    # ---- the caller's side ------------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: GenerationConfig, on_token=None,
+               timeout_s: float | None = None) -> Request:
+        prompt = list(prompt)
+        if not prompt:
+            raise Qwen2Error("the prompt is empty")
+        if len(prompt) >= self.capacity:
+            raise Qwen2Error(f"the prompt has {len(prompt)} tokens; this server's context is {self.capacity}")
+        req = Request(prompt, params, on_token, time.monotonic() + timeout_s if timeout_s else None)
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already: retry later")
+            self.waiting.append(req)
+        return req
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.rows)
+
+    def run_until_idle(self) -> None:
+        while self.busy:
+            self.step()
+
+    # ---- one scheduler step -----------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Free what ended, admit waiting requests into free rows, run one prefill chunk (if a row is filling),
+        then one decode step for every row that has a token to feed."""
+        now = time.monotonic()
+        for r, s in enumerate(self.rows):
+            if s is not None and (s.req._cancel or (s.req.deadline is not None and now > s.req.deadline)):
+                self._end(r, "cancelled" if s.req._cancel else "deadline")
+        with self._lock:
+            for r in range(self.slots):
+                if self.rows[r] is None and self.waiting:
+                    req = self.waiting.popleft()
+                    if req._cancel:
+                        self._finish(req, "cancelled")
+                        continue
+                    self.rows[r] = self._admit(req)
+                    self.cache.lengths[r] = 0
+        filling = next((r for r, s in enumerate(self.rows) if s is not None and s.fed < len(s.req.prompt)), None)
+        if filling is not None:
+            self._prefill_chunk(filling)
+        if any(s is not None and s.next_token is not None for s in self.rows):
+            self._decode()
+
+    def _admit(self, req: Request) -> _Slot:
+        p = req.params
+        seen = None
+        if getattr(p, "repetition_penalty", 1.0) != 1.0:
+            seen = torch.zeros(1, self.runner.vocab, dtype=torch.bool)
+            seen[0, req.prompt] = True
+        tok = self.runner.folder.tokenizer
+        return _Slot(req, gen=torch.Generator().manual_seed(p.seed) if p.seed is not None else None, seen=seen,
+                     text=_StopText(tok, p.stop_strings) if tok is not None else None)
+
+    def _prefill_chunk(self, r: int) -> None:
+        s = self.rows[r]
+        a, b = s.fed, min(len(s.req.prompt), s.fed + self.chunk)
+        ids = np.array([s.req.prompt[a:b]], dtype=np.int64)
+        logits = self.runner.step(ids, np.ones((1, b), dtype=np.int64), np.arange(a, b)[None], row=r)
+        s.fed = b
+        if b == len(s.req.prompt):
+            self._sample(r, logits[0:1].copy())
+
+    def _decode(self) -> None:
+        live = [r for r, s in enumerate(self.rows) if s is not None and s.next_token is not None]
+        lengths = self.cache.lengths.copy()
+        ids = np.zeros((self.slots, 1), dtype=np.int64)
+        pos = np.zeros((self.slots, 1), dtype=np.int64)
+        for r in live:
+            ids[r, 0], pos[r, 0] = self.rows[r].next_token, lengths[r]
+        for r in range(self.slots):  # the others ride along, writing one key their next prefill overwrites:
+            if r not in live and self.rows[r] is None:  # a free row at position 0;
+                self.cache.lengths[r] = 0  # a filling row just after its prompt so far (where its next chunk goes)
+            pos[r, 0] = pos[r, 0] if r in live else self.cache.lengths[r]
+        width = int(self.cache.lengths.max()) + 1
+        mask = (np.arange(width)[None, :] <= self.cache.lengths[:, None]).astype(np.int64)
+        logits = self.runner.step(ids, mask, pos)
+        self.steps += 1
+        self.cache.lengths[:] = lengths  # rows not decoded keep their length (a filling row resumes its prompt)
+        for r in live:
+            self.cache.lengths[r] += 1
+            self._sample(r, logits[r:r + 1])
+
+    def _sample(self, r: int, logits: np.ndarray) -> None:
+        """The row's next token from its logits (its own sampler and generator), emitted; the row ends on a stop
+        token or string, its max_new_tokens, or the capacity."""
+        s = self.rows[r]
+        p = s.req.params
+        scores = torch.from_numpy(logits)
+        if s.seen is not None:
+            scores = apply_repetition_penalty(scores, s.seen, p.repetition_penalty)
+        tok = int(next_token(scores, p, s.gen)[0])
+        if s.seen is not None:
+            s.seen[0, tok] = True
+        s.req.tokens.append(tok)
+        stopped = tok in p.stop_token_ids
+        piece = ""
+        if s.text is not None:
+            stopped |= s.text.push(tok)
+            piece = s.text.take()
+        s.req.text += piece
+        if s.req.on_token is not None:
+            s.req.on_token(tok, piece)
+        if stopped:
+            self._end(r, "stop")
+        elif len(s.req.tokens) >= p.max_new_tokens:
+            self._end(r, "length")
+        elif int(self.cache.lengths[r]) + 1 >= self.capacity:
+            self._end(r, "context")
+        else:
+            s.next_token = tok
+
+    def _end(self, r: int, reason: str) -> None:
+        s = self.rows[r]
+        if s.text is not None:
+            rest = s.text.take(final=True)
+            if rest:
+                s.req.text += rest
+                if s.req.on_token is not None:
+                    s.req.on_token(-1, rest)  # -1: text only, no new token
+        self.rows[r] = None
+        self._finish(s.req, reason)
+
+    @staticmethod
+    def _finish(req: Request, reason: str) -> None:
+        req.finish = reason
+        req.done.set()
