@@ -1,4 +1,4 @@
-"""`python -m runtime generate|bench`: run an export folder through ONNX Runtime."""
+"""`python -m runtime generate|bench|serve`: run an export folder through ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -110,6 +110,38 @@ def bench(model, prompt_tokens, new_tokens, runs, as_json, device, provider, thr
 
     print_result(run_bench(model, settings_from(device, provider, threads, prefill_chunk, profile_prefix),
                            prompt_tokens, new_tokens, runs), as_json)
+
+
+@cli.command()
+@click.option("--model", "model", required=True, type=click.Path(),
+              help="Export folder made with --attention seqlens (the CUDA profiles' default).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (localhost unless told).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True,
+              help="Sequences decoded together (rows of the shared KV cache).")
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests waiting for a row; more are answered 429.")
+@click.option("--context", type=click.IntRange(2), default=None,
+              help="Prompt + output tokens per request (default: the export's context; the cache holds max-batch "
+                   "of them).")
+@click.option("--name", default=None, help="The model id clients send (default: the folder's name).")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=None,
+              help="Seconds a request may take; it then ends with what it has (finish_reason length).")
+@session_options
+def serve(model, host, port, max_batch, max_queue, context, name, request_timeout, device, provider, threads,
+          prefill_chunk, profile_prefix) -> None:
+    """An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health) with
+    continuous batching."""
+    from pathlib import Path
+
+    from .batching import BatchEngine
+    from .runner import Runner
+    from .server import serve as run_server
+
+    settings = settings_from(device, provider, threads, prefill_chunk, profile_prefix)
+    engine = BatchEngine(Runner(model, settings), slots=max_batch, capacity=context,
+                         chunk=settings.prefill_chunk or 256, max_queue=max_queue)
+    run_server(engine, name or Path(model).resolve().name, host, port, request_timeout)
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ class Request:
     prompt: list[int]
     params: GenerationConfig
     on_token: Callable[[int, str], None] | None = None
+    on_finish: Callable[[str], None] | None = None  # called once, from the engine's thread, with `finish`
     deadline: float | None = None  # time.monotonic() after which the request ends ("deadline")
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -88,13 +89,13 @@ class BatchEngine:
 
     # ---- the caller's side ------------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: GenerationConfig, on_token=None,
-               timeout_s: float | None = None) -> Request:
+               timeout_s: float | None = None, on_finish=None) -> Request:
         prompt = list(prompt)
         if not prompt:
             raise Qwen2Error("the prompt is empty")
         if len(prompt) >= self.capacity:
             raise Qwen2Error(f"the prompt has {len(prompt)} tokens; this server's context is {self.capacity}")
-        req = Request(prompt, params, on_token, time.monotonic() + timeout_s if timeout_s else None)
+        req = Request(prompt, params, on_token, on_finish, time.monotonic() + timeout_s if timeout_s else None)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already: retry later")
@@ -215,3 +216,15 @@ class BatchEngine:
     def _finish(req: Request, reason: str) -> None:
         req.finish = reason
         req.done.set()
+        if req.on_finish is not None:
+            req.on_finish(reason)
+
+    def fail_all(self, reason: str = "error") -> None:
+        """End every running and waiting request (the engine's step raised)."""
+        for r, s in enumerate(self.rows):
+            if s is not None:
+                self.rows[r] = None
+                self._finish(s.req, reason)
+        with self._lock:
+            while self.waiting:
+                self._finish(self.waiting.popleft(), reason)
