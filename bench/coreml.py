@@ -11,7 +11,6 @@ with the fp32 reference's greedy tokens (the count of leading tokens that agree)
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from pathlib import Path
@@ -21,9 +20,8 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.coreml import PACKAGE, verify  # noqa: E402
-from export.evaluate import fixed_text, greedy, perplexity  # noqa: E402
+from export.evaluate import export_reports, fixed_text, greedy, perplexity  # noqa: E402
 from export.gate import reference_step  # noqa: E402
-from qwen2_ref.checkpoint import open_checkpoint  # noqa: E402
 
 PROMPT = "def fibonacci(n):"
 
@@ -33,11 +31,7 @@ PROMPT = "def fibonacci(n):"
 @click.option("--tokens", default=1000, show_default=True, help="evaluation tokens of heapq.py")
 @click.option("--greedy-tokens", default=64, show_default=True)
 def main(folders, tokens, greedy_tokens):
-    reports = {f: json.loads((Path(f) / "export_report.json").read_text()) for f in folders}
-    sources = {r["source"] for r in reports.values()}
-    if len(sources) != 1:
-        raise click.UsageError(f"the folders come from different checkpoints: {sorted(sources)}")
-    ckpt = open_checkpoint(sources.pop())
+    reports, ckpt = export_reports(folders)
     tok = ckpt.tokenizer()
     ids = tok.encode(fixed_text())[:tokens]
     prompt = tok.encode(PROMPT)

@@ -8,7 +8,6 @@ graphs on ONNX Runtime's CPU provider). A benchmark: prints a table, asserts not
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -19,10 +18,10 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.evaluate import export_reports  # noqa: E402
 from export.gate import compare, record, reference_step  # noqa: E402
 from export.onnx import export_step, reference_model  # noqa: E402
 from export.tolerances import GATE, GATE_ACTIVATIONS  # noqa: E402
-from qwen2_ref.checkpoint import open_checkpoint  # noqa: E402
 from runtime.bench import run_bench  # noqa: E402
 from runtime.session import SessionSettings, resolve_providers  # noqa: E402
 
@@ -52,11 +51,7 @@ def gpu_memory_mib() -> float | None:
 @click.option("--runs", default=3, show_default=True)
 def main(folders, device, prompt_tokens, new_tokens, runs):
     providers = resolve_providers(device)
-    reports = {f: json.loads((Path(f) / "export_report.json").read_text()) for f in folders}
-    sources = {r["source"] for r in reports.values()}
-    if len(sources) != 1:
-        raise click.UsageError(f"the folders come from different checkpoints: {sorted(sources)}")
-    ckpt = open_checkpoint(sources.pop())
+    reports, ckpt = export_reports(folders)
     tok = ckpt.tokenizer()
     prompts = [tok.encode(p) for p in PROMPTS]
     run = record(reference_step(reference_model(ckpt)), prompts, DECODE_STEPS)  # once, shared by the folders

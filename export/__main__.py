@@ -18,6 +18,20 @@ def _dtype_help(target: str, default: str) -> str:
     return "; ".join(f"{p.name}: {p.summary}" for p in precision.PRECISIONS[target].values()) + f". {default}"
 
 
+def quantizer_options(f):
+    """int4's recipe flags, the same for ONNX and Core ML."""
+    f = click.option("--requantize", is_flag=True, help="Same as --quantizer rtn.")(f)
+    f = click.option("--calibration", type=click.Path(), default=None,
+                     help="Text file the calibrated quantizer runs the model on (default: the one shipped in "
+                          "export/data; never the text you evaluate on).")(f)
+    return click.option(
+        "--quantizer", type=click.Choice(["calibrated", "exact", "rtn"]), default=None,
+        help="int4: exact (default) = a GGUF's own blocks carried over (5/6/8-bit ones as 8-bit codes; float "
+             "checkpoints: as rtn); calibrated = GPTQ 4-bit against the model's own activations on a calibration "
+             "text (needs the fp32 model in memory); rtn = clip-searched round-to-nearest 4-bit everywhere (the "
+             "smallest).")(f)
+
+
 def _export(target: str, size, checkpoint, random_weights, **flags) -> None:
     from qwen2_ref.checkpoint import resolve_checkpoint
 
@@ -68,14 +82,7 @@ def cli() -> None:
 @click.option("--max-context", "context", type=click.IntRange(1), default=None,
               help="Context length recorded for runtimes.")
 @click.option("--random-weights", is_flag=True, help="Random weights: architecture-only work, no checkpoint.")
-@click.option("--quantizer", type=click.Choice(["calibrated", "exact", "rtn"]), default=None,
-              help="int4: exact (default) = a GGUF's own blocks carried over (5/6/8-bit ones as 8-bit codes; "
-                   "float checkpoints: as rtn); calibrated = GPTQ 4-bit against the model's own activations on a "
-                   "calibration text (needs the fp32 model in memory); rtn = plain round-to-nearest 4-bit.")
-@click.option("--calibration", type=click.Path(), default=None,
-              help="Text file the calibrated quantizer runs the model on (default: the one shipped in "
-                   "export/data; never the text you evaluate on).")
-@click.option("--requantize", is_flag=True, help="Same as --quantizer rtn.")
+@quantizer_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity gate (the report says so).")
 @click.option("--lowering", type=click.Choice(list(LOWERINGS)), default=None,
@@ -101,15 +108,7 @@ COREML_SIZES = ["0.5b", "1.5b"]  # the phone-class sizes
               show_default=True, help="Device profile that sets the defaults and the Neural Engine options.")
 @click.option("--out", type=click.Path(), default=None, help="Output folder (default ./exports/qwen2-SIZE-coreml-DTYPE).")
 @click.option("--random-weights", is_flag=True, help="Random weights: architecture-only work, no checkpoint.")
-@click.option("--quantizer", type=click.Choice(["calibrated", "exact", "rtn"]), default=None,
-              help="int4: exact (default) = a GGUF's own blocks (5/6/8-bit ones as 8-bit codes; float checkpoints: "
-                   "as rtn); calibrated = GPTQ 4-bit against the model's own activations on a calibration text "
-                   "(needs the fp32 model in memory); rtn = clip-searched round-to-nearest 4-bit everywhere (the "
-                   "smallest package).")
-@click.option("--calibration", type=click.Path(), default=None,
-              help="Text file the calibrated quantizer runs the model on (default: the one shipped in "
-                   "export/data; never the text you evaluate on).")
-@click.option("--requantize", is_flag=True, help="Same as --quantizer rtn.")
+@quantizer_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity gate (the report says so).")
 def coreml(size, checkpoint, random_weights, no_verify, **flags):

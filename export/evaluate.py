@@ -54,3 +54,18 @@ def greedy(step: Step, prompt: Sequence[int], n: int, stop: Sequence[int] = ()) 
         mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
         pos = np.array([[mask.shape[1] - 1]])
     return out
+
+
+def export_reports(folders) -> tuple[dict, object]:
+    """({folder: its export_report.json}, the one checkpoint they were all exported from): what a benchmark over
+    several exports of one model compares them against. A mix of checkpoints is a one-line error."""
+    import json
+
+    from qwen2_ref.checkpoint import open_checkpoint
+    from qwen2_ref.errors import Qwen2Error
+
+    reports = {f: json.loads((Path(f) / "export_report.json").read_text()) for f in folders}
+    sources = {r["source"] for r in reports.values()}
+    if len(sources) != 1:
+        raise Qwen2Error(f"the folders come from different checkpoints: {sorted(sources)}")
+    return reports, open_checkpoint(sources.pop())
