@@ -36,7 +36,12 @@ class BenchResult:
     size_mib: float
 
     def text(self) -> str:
-        return "\n".join(f"{k}: {v if not isinstance(v, float) else round(v, 3)}" for k, v in asdict(self).items())
+        """`key: value` lines; floats below 1 to 4 significant digits (a tiny model's time to first token is well
+        under a millisecond, which 3 decimals printed as 0.0), others to 2 decimals."""
+        def fmt(v):
+            return v if not isinstance(v, float) else f"{v:.4g}" if abs(v) < 1 else round(v, 2)
+
+        return "\n".join(f"{k}: {fmt(v)}" for k, v in asdict(self).items())
 
 
 def bench_prompt(n: int, vocab: int) -> list[int]:
