@@ -6,8 +6,9 @@ background load hits both alike. A benchmark: prints a table, asserts nothing; b
     python bench/serve.py --model exports/qwen2-0.5b-int4-seqlens --gguf ~/.cache/qwen2-export/...gguf \
         [--levels 1,4,16] [--tokens 64] [--rounds 2]
 
-Ours: `python -m runtime serve --max-batch 16`. llama.cpp: `python -m llama_cpp.server` (llama-cpp-python[server],
-built from source, see README) on the same GGUF, with as many parallel slots; left out when it is not installed.
+Ours: `python -m runtime serve --max-batch 16`. llama.cpp: `python -m llama_cpp.server` (llama-cpp-python[server]
+0.3.36, built from source, see README) on the same GGUF; it has no parallel slots (it answers one request at a time;
+the C++ `llama-server`, which batches, is not pip-installable); left out when it is not installed.
 Every request is a streamed completion of a fixed code prompt at temperature 0 with `max_tokens` tokens.
 """
 
@@ -96,7 +97,7 @@ def main(folder, gguf, levels, tokens, rounds, threads):
         if gguf:
             servers["llama.cpp"] = ("http://127.0.0.1:8412", "llama", [
                 sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "llama", "--port", "8412",
-                "--n_threads", str(threads), "--n_ctx", str(1024 * most), "--n_parallel", str(most)])
+                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "1024"])
     except ImportError:
         click.echo("llama-cpp-python[server] is not installed: ours only", err=True)
     procs = {}

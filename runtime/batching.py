@@ -11,9 +11,9 @@ This needs an export whose attention reads each row's length from its own mask r
 onnx --attention seqlens`, the CUDA profiles' default): with the CPU profiles' padding-bias layout every row writes
 its new key at one shared position, so rows cannot be at different lengths.
 
-Rows not decoding still ride along in a decode step (the batch is always `slots` rows): a free row writes one key at
-its position 0, a row still being prefilled one key just after its prompt so far, each overwritten by that row's
-next prefill; decode is memory-bound, so an idle row costs little.
+A decode step runs the rows up to the last decoding one (rows are taken lowest first, so a lone stream is a batch of
+one). Rows below it that are not decoding ride along: a free row writes one key at its position 0, a row still being
+prefilled one key just after its prompt so far, each overwritten by that row's next prefill.
 """
 
 from __future__ import annotations
@@ -153,19 +153,22 @@ class BatchEngine:
             self._sample(r, logits[0:1].copy())
 
     def _decode(self) -> None:
+        """One step over the rows up to the last decoding one (a prefix of the cache: rows are taken lowest
+        first, so a lone stream decodes as a batch of one)."""
         live = [r for r, s in enumerate(self.rows) if s is not None and s.next_token is not None]
+        n = live[-1] + 1
         lengths = self.cache.lengths.copy()
-        ids = np.zeros((self.slots, 1), dtype=np.int64)
-        pos = np.zeros((self.slots, 1), dtype=np.int64)
+        ids = np.zeros((n, 1), dtype=np.int64)
+        pos = np.zeros((n, 1), dtype=np.int64)
         for r in live:
             ids[r, 0], pos[r, 0] = self.rows[r].next_token, lengths[r]
-        for r in range(self.slots):  # the others ride along, writing one key their next prefill overwrites:
+        for r in range(n):  # the others in the prefix ride along, writing one key their next prefill overwrites:
             if r not in live and self.rows[r] is None:  # a free row at position 0;
                 self.cache.lengths[r] = 0  # a filling row just after its prompt so far (where its next chunk goes)
             pos[r, 0] = pos[r, 0] if r in live else self.cache.lengths[r]
-        width = int(self.cache.lengths.max()) + 1
-        mask = (np.arange(width)[None, :] <= self.cache.lengths[:, None]).astype(np.int64)
-        logits = self.runner.step(ids, mask, pos)
+        width = int(self.cache.lengths[:n].max()) + 1
+        mask = (np.arange(width)[None, :] <= self.cache.lengths[:n, None]).astype(np.int64)
+        logits = self.runner.step(ids, mask, pos, row=0)
         self.steps += 1
         self.cache.lengths[:] = lengths  # rows not decoded keep their length (a filling row resumes its prompt)
         for r in live:

@@ -52,7 +52,7 @@ class KVCache:
         self.bufs = [tuple(alloc(n, dtype, device, device_id) for _ in range(copies)) for _ in past_names]
         self.lengths = np.zeros(batch, dtype=np.int64)  # tokens cached per row (including left padding)
         self.cur = 0  # ping-pong: which buffer of each pair holds the cache (shared: always 0)
-        self._bound = None  # shared: (IO binding, row or None) whose bindings this cache's buffers already hold
+        self._bound = None  # shared: (IO binding, first row, rows) or (binding, None) this cache's buffers hold
 
     @property
     def length(self) -> int:
@@ -85,15 +85,15 @@ class KVCache:
         present = [self.batch, self.kv_heads, total, self.head_dim]  # (B, kv, past + S, hd)
         self._bind_all(io, past, present, self.cur, 1 - self.cur)
 
-    def bind_row(self, io, row: int) -> None:
-        """Shared mode: bind one row of every buffer as a batch of one, (1, kv, capacity, hd) — a row of a
-        (B, kv, capacity, hd) buffer is contiguous — to fill it alone (a "seqlens"-layout batch is prefilled row
-        by row)."""
-        assert self.shared and 0 <= row < self.batch
-        if self._bound != (io, row):
-            one = [1, self.kv_heads, self.capacity, self.head_dim]
-            self._bind_all(io, one, one, 0, 0, offset=row * self.kv_heads * self.capacity * self.head_dim)
-            self._bound = (io, row)
+    def bind_row(self, io, row: int, count: int = 1) -> None:
+        """Shared mode: bind rows row .. row+count-1 of every buffer as a batch of `count`, (count, kv, capacity,
+        hd) — consecutive rows of a (B, kv, capacity, hd) buffer are contiguous — to run them alone (a "seqlens"
+        batch is prefilled row by row; continuous batching decodes the rows in use, a prefix of the cache)."""
+        assert self.shared and 0 <= row and row + count <= self.batch
+        if self._bound != (io, row, count):
+            part = [count, self.kv_heads, self.capacity, self.head_dim]
+            self._bind_all(io, part, part, 0, 0, offset=row * self.kv_heads * self.capacity * self.head_dim)
+            self._bound = (io, row, count)
 
     def _bind_all(self, io, past: list[int], present: list[int], src: int, dst: int, offset: int = 0) -> None:
         off = offset * self.dtype.itemsize
@@ -101,13 +101,13 @@ class KVCache:
             io.bind_input(pin, self.device, self.device_id, self.dtype, past, pair[src].ptr + off)
             io.bind_output(pout, self.device, self.device_id, self.dtype, present, pair[dst].ptr + off)
 
-    def advance(self, new_tokens: int, row: int | None = None) -> None:
-        """After a step over every row (or over `row` alone): present becomes the next past (ping-pong: the other
-        buffer of each pair)."""
+    def advance(self, new_tokens: int, row: int | None = None, count: int = 1) -> None:
+        """After a step over every row (or over rows row .. row+count-1): present becomes the next past (ping-pong:
+        the other buffer of each pair)."""
         if row is None:
             self.lengths += new_tokens
         else:
-            self.lengths[row] += new_tokens
+            self.lengths[row:row + count] += new_tokens
         if not self.shared:
             self.cur = 1 - self.cur
 

@@ -131,8 +131,9 @@ class Runner:
              fetch: bool = True):
         """Run (B, S) new tokens against the cache; returns the last position's logits (B, V) on the host, or with
         `fetch=False` the logits OrtValue (B, rows, V) where the session left it. `mask` covers past + new tokens:
-        (B, past + S) for a left-padded batch, each row's own length for a "seqlens" export. `row`: the new
-        tokens are that row's alone (a batch of one into its row of the shared cache)."""
+        (B, past + S) for a left-padded batch, each row's own length for a "seqlens" export. `row`: the batch is
+        the cache's rows row .. row+B-1 alone (a batch of one into its row of the shared cache, or the first B rows
+        of a larger one)."""
         B, S = ids.shape
         cache = self.cache
         assert cache is not None and (row is not None or self.per_row or mask.shape == (B, cache.length + S))
@@ -148,9 +149,9 @@ class Runner:
         if row is None:
             cache.bind(io, S)
         else:
-            cache.bind_row(io, row)
+            cache.bind_row(io, row, B)
         self.sess.run_with_iobinding(io)
-        cache.advance(S, row)
+        cache.advance(S, row, B)
         if not fetch:
             return ov
         if host is None:  # CUDA: the cache stays on the device; only the (B, rows, V) logits cross
