@@ -2,8 +2,9 @@
 
 The engine owns a Runner and one shared KV cache of `slots` rows (kv.py; each row a contiguous slice of every layer's
 buffer). A request waits in a bounded queue; when a row is free it is prefilled into that row alone, `chunk` prompt
-tokens per scheduler step (a batch of one bound to the row's slice: `KVCache.bind_row`), then it decodes with every
-other running row in one forward step per token, each row at its own length. A row that finishes, is cancelled or
+tokens per scheduler step (bound to the row's slice: `KVCache.bind_row`; requests that arrive together fill
+consecutive rows and are prefilled together, the chunk shared among them), then it decodes with every other running
+row in one forward step per token, each row at its own length. A row that finishes, is cancelled or
 passes its deadline is freed at the next step; the others never restart. Between two decode steps at most one
 prefill chunk runs, so a newcomer delays the running streams by one chunk at most.
 
@@ -86,6 +87,7 @@ class BatchEngine:
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
         self.steps = 0  # decode steps run
+        self.prefills = 0  # prefill steps run
 
     # ---- the caller's side ------------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: GenerationConfig, on_token=None,
@@ -127,9 +129,8 @@ class BatchEngine:
                         continue
                     self.rows[r] = self._admit(req)
                     self.cache.lengths[r] = 0
-        filling = next((r for r, s in enumerate(self.rows) if s is not None and s.fed < len(s.req.prompt)), None)
-        if filling is not None:
-            self._prefill_chunk(filling)
+        if any(s is not None and s.fed < len(s.req.prompt) for s in self.rows):
+            self._prefill_chunk()
         if any(s is not None and s.next_token is not None for s in self.rows):
             self._decode()
 
@@ -143,14 +144,40 @@ class BatchEngine:
         return _Slot(req, gen=torch.Generator().manual_seed(p.seed) if p.seed is not None else None, seen=seen,
                      text=_StopText(tok, p.stop_strings) if tok is not None else None)
 
-    def _prefill_chunk(self, r: int) -> None:
-        s = self.rows[r]
-        a, b = s.fed, min(len(s.req.prompt), s.fed + self.chunk)
-        ids = np.array([s.req.prompt[a:b]], dtype=np.int64)
-        logits = self.runner.step(ids, np.ones((1, b), dtype=np.int64), np.arange(a, b)[None], row=r)
-        s.fed = b
-        if b == len(s.req.prompt):
-            self._sample(r, logits[0:1].copy())
+    def _prefill_chunk(self) -> None:
+        """One prefill step of at most `chunk` tokens. The first filling row alone, `chunk` tokens of its prompt; or,
+        when it has not started and whole prompts fit, it and the unstarted rows right after it (requests that
+        arrived together) at once, right-padded to the longest: ONNX Runtime's GroupQueryAttention takes a batch of
+        several tokens per row only as a first prompt. Each row's logits are read at its own last token."""
+        self.prefills += 1
+        first = next(r for r, s in enumerate(self.rows) if s is not None and s.fed < len(s.req.prompt))
+        run, longest = [first], len(self.rows[first].req.prompt)
+        if self.rows[first].fed == 0 and longest <= self.chunk:
+            while run[-1] + 1 < self.slots and (s := self.rows[run[-1] + 1]) is not None and s.fed == 0 \
+                    and (len(run) + 1) * max(longest, len(s.req.prompt)) <= self.chunk:
+                run.append(run[-1] + 1)
+                longest = max(longest, len(s.req.prompt))
+        if len(run) == 1:
+            s = self.rows[first]
+            a, b = s.fed, min(len(s.req.prompt), s.fed + self.chunk)
+            logits = self.runner.step(np.array([s.req.prompt[a:b]], dtype=np.int64), np.ones((1, b), dtype=np.int64),
+                                      np.arange(a, b)[None], row=first)
+            s.fed = b
+            if b == len(s.req.prompt):
+                self._sample(first, logits[0:1].copy())
+            return
+        slots = [self.rows[r] for r in run]
+        n = np.array([len(s.req.prompt) for s in slots])
+        ids = np.zeros((len(run), longest), dtype=np.int64)
+        for i, s in enumerate(slots):
+            ids[i, :n[i]] = s.req.prompt
+        mask = (np.arange(longest)[None, :] < n[:, None]).astype(np.int64)
+        keep = longest - int(n.min()) + 1  # the last positions, down to the shortest prompt's last token
+        logits = self.runner.step(ids, mask, np.broadcast_to(np.arange(longest), ids.shape), row=first, keep=keep)
+        for i, (r, s) in enumerate(zip(run, slots)):
+            s.fed = int(n[i])
+            self.cache.lengths[r] = n[i]  # the padding written past a shorter prompt is overwritten later
+            self._sample(r, (logits[i:i + 1] if keep == 1 else logits[i:i + 1, n[i] - 1 - (longest - keep)]).copy())
 
     def _decode(self) -> None:
         """One step over the rows up to the last decoding one (a prefix of the cache: rows are taken lowest

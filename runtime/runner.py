@@ -113,24 +113,28 @@ class Runner:
 
     # ---- one forward step ------------------------------------------------------------------------------------------
     def _logits_out(self, batch: int, rows: int):
-        """One logits OrtValue per shape, allocated on first use (decode reuses one (B, 1, V) buffer throughout)."""
+        """A logits OrtValue (B, rows, V): one per batch size for the one-row shapes (decode reuses its buffer
+        throughout), a fresh one otherwise (so that prompts of every length do not each keep a buffer)."""
         key = (batch, rows)
-        if key not in self._logits:
-            import onnxruntime as ort
+        if key in self._logits:
+            return self._logits[key]
+        import onnxruntime as ort
 
-            if self.device == "cpu":
-                a = np.zeros((batch, rows, self.vocab), dtype=np.float32)
-                self._logits[key] = (ort.OrtValue.ortvalue_from_numpy(a), a)
-            else:
-                ov = ort.OrtValue.ortvalue_from_shape_and_type([batch, rows, self.vocab], np.float32, self.device,
-                                                               self.settings.device_id)
-                self._logits[key] = (ov, None)
-        return self._logits[key]
+        if self.device == "cpu":
+            a = np.zeros((batch, rows, self.vocab), dtype=np.float32)
+            out = (ort.OrtValue.ortvalue_from_numpy(a), a)
+        else:
+            out = (ort.OrtValue.ortvalue_from_shape_and_type([batch, rows, self.vocab], np.float32, self.device,
+                                                             self.settings.device_id), None)
+        if rows == 1:
+            self._logits[key] = out
+        return out
 
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, row: int | None = None,
-             fetch: bool = True):
-        """Run (B, S) new tokens against the cache; returns the last position's logits (B, V) on the host, or with
-        `fetch=False` the logits OrtValue (B, rows, V) where the session left it. `mask` covers past + new tokens:
+             fetch: bool = True, keep: int = 1):
+        """Run (B, S) new tokens against the cache; returns the last position's logits (B, V) on the host (with
+        `keep` > 1 the last `keep` positions', (B, keep, V)), or with `fetch=False` the logits OrtValue (B, rows, V)
+        where the session left it. `mask` covers past + new tokens:
         (B, past + S) for a left-padded batch, each row's own length for a "seqlens" export. `row`: the batch is
         the cache's rows row .. row+B-1 alone (a batch of one into its row of the shared cache, or the first B rows
         of a larger one)."""
@@ -142,8 +146,8 @@ class Runner:
         for name, a in zip(("input_ids", "attention_mask", "position_ids"), feeds):
             io.bind_cpu_input(name, a)
         if self.keep_last:  # an overridable initializer: bind_cpu_input rejects those, an OrtValue binds
-            io.bind_ortvalue_input(KEEP, self._keep_one)
-        rows = 1 if self.keep_last else S
+            io.bind_ortvalue_input(KEEP, self._keep_one if keep == 1 else self._keep(keep))
+        rows = keep if self.keep_last else S
         ov, host = self._logits_out(B, rows)
         io.bind_ortvalue_output("logits", ov)
         if row is None:
@@ -156,7 +160,12 @@ class Runner:
             return ov
         if host is None:  # CUDA: the cache stays on the device; only the (B, rows, V) logits cross
             host = ov.numpy()
-        return host[:, -1]
+        return host[:, -1] if keep == 1 else host[:, -keep:]
+
+    def _keep(self, k: int):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.array(k, dtype=np.int64))
 
     def _ensure_cache(self, batch: int, tokens: int) -> KVCache:
         if self.cache is None or not self.cache.fits(batch, tokens):

@@ -53,6 +53,23 @@ def test_requests_joining_at_different_steps_each_get_their_own_tokens(folder):
     assert engine.steps < sum(p.max_new_tokens for p in params)  # decode steps were shared
 
 
+def test_requests_arriving_together_are_prefilled_together(folder):
+    """Four prompts of different lengths submitted at once fill rows 0-3 in one right-padded prefill step (each
+    row's logits read at its own last token); a fifth whose prompt is longer than the chunk joins later, prefilled
+    alone in chunks. Every request's tokens equal its single-stream generation."""
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[3], PROMPTS[5], PROMPTS[4] * 2]
+    params = [cfg(10), cfg(8, temperature=0.9, seed=5), cfg(12), cfg(6), cfg(9)]
+    engine = BatchEngine(Runner(folder, CPU2), slots=4, chunk=48)
+    reqs = [engine.submit(p, q) for p, q in zip(prompts[:4], params[:4])]
+    engine.step()
+    assert engine.prefills == 1 and all(s is not None and s.next_token is not None for s in engine.rows)
+    reqs.append(engine.submit(prompts[4], params[4]))  # 26 tokens: 2 rows' worth of 26 > 48, so alone
+    engine.run_until_idle()
+    for req, prompt, p in zip(reqs, prompts, params):
+        assert req.tokens == alone(folder, prompt, p), prompt
+    assert engine.prefills == 2
+
+
 def test_stop_tokens_cancel_deadline_and_queue(folder):
     engine = BatchEngine(Runner(folder, CPU2), slots=2, chunk=8, max_queue=2)
     free = alone(folder, PROMPTS[0], cfg(10))
