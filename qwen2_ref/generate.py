@@ -32,10 +32,14 @@ class SamplingParams:
 
 def next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids."""
-    logits = logits.to(torch.float32)
     if p.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / p.temperature
+        return logits.to(torch.float32).argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, p), 1, generator=gen).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """(B, V) logits -> the (B, V) distribution `next_token` samples from: temperature, then top-k, then top-p."""
+    logits = logits.to(torch.float32) / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -45,8 +49,7 @@ def next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | N
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return torch.softmax(logits, dim=-1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

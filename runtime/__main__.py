@@ -59,9 +59,17 @@ def cli() -> None:
 @click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable); the output ends before it.")
+@click.option("--lookup", type=click.IntRange(1), default=None, metavar="N",
+              help="Speculative decoding by prompt lookup: drafts of up to N tokens copied from where the text so "
+                   "far repeats itself (code edits, refactors); the output is unchanged.")
+@click.option("--draft", type=click.Path(), default=None, metavar="DIR",
+              help="Speculative decoding with a draft export of the same family (e.g. a 0.5B int4 for a 7B).")
+@click.option("--draft-tokens", type=click.IntRange(1), default=None, metavar="K",
+              help="Tokens the draft proposes per step (default 6).")
 @session_options
 def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-             stop_strings, device, provider, threads, prefill_chunk, profile_prefix) -> None:
+             stop_strings, lookup, draft, draft_tokens, device, provider, threads, prefill_chunk,
+             profile_prefix) -> None:
     """Generate text, streamed as it is produced, then one line of speeds on stderr."""
     import time
 
@@ -75,6 +83,7 @@ def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, to
     folder = open_export(model)
     require_tokenizer(folder)
     r = Runner(folder, settings)
+    r.speculator = speculator(r, lookup, draft, draft_tokens, settings)
     load_s = time.perf_counter() - t0
     params = r.default_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop_strings))
@@ -90,10 +99,32 @@ def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, to
     s = r.stats
     click.echo(f"[{', '.join(r.session.active)} | load {load_s:.1f} s | prefill {s.prompt_tokens} tok "
                f"{s.prefill_tok_s:.1f} tok/s (first token {s.prefill_s:.2f} s) | decode {s.new_tokens} tok "
-               f"{s.decode_tok_s:.1f} tok/s | {s.finish[0] if s.finish else '-'}]", err=True)
+               f"{s.decode_tok_s:.1f} tok/s{speculation(s) if r.speculator else ''} | "
+               f"{s.finish[0] if s.finish else '-'}]", err=True)
     prof = r.end_profiling()
     if prof:
         click.echo(f"ONNX Runtime trace: {prof}", err=True)
+
+
+def speculator(target, lookup, draft, draft_tokens, settings):
+    """The --lookup / --draft proposer for `target`, or None."""
+    from .speculative import DraftModel, PromptLookup
+
+    if lookup and draft:
+        raise click.UsageError("--lookup and --draft are two ways to speculate: give one")
+    if draft_tokens and not draft:
+        raise click.UsageError("--draft-tokens needs --draft")
+    if lookup:
+        return PromptLookup(lookup)
+    if draft:
+        from .runner import Runner
+
+        return DraftModel(Runner(draft, settings), draft_tokens or 6, target)
+    return None
+
+
+def speculation(s) -> str:
+    return f" ({s.acceptance:.0%} of {s.drafted} drafted accepted, {s.tokens_per_step:.2f} tok/step)"
 
 
 @cli.command()

@@ -45,6 +45,17 @@ class Stats:
     new_tokens: int = 0  # per sequence, steps run
     decode_s: float = 0.0  # after the first token
     finish: list[str] = field(default_factory=list)  # per sequence: stop | length | context
+    verify_steps: int = 0  # speculative decoding: forward steps after the first token,
+    drafted: int = 0  # tokens proposed,
+    accepted: int = 0  # and kept
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return (self.new_tokens - 1) / self.verify_steps if self.verify_steps else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -110,6 +121,7 @@ class Runner:
         self._logits: dict[tuple[int, int], tuple[object, np.ndarray | None]] = {}
         self._io = sess.io_binding()
         self.stats = Stats()
+        self.speculator = None  # speculative.PromptLookup or DraftModel: generate() speculates (a batch of one)
 
     # ---- one forward step ------------------------------------------------------------------------------------------
     def _logits_out(self, batch: int, rows: int):
@@ -126,7 +138,7 @@ class Runner:
         else:
             out = (ort.OrtValue.ortvalue_from_shape_and_type([batch, rows, self.vocab], np.float32, self.device,
                                                              self.settings.device_id), None)
-        if rows == 1:
+        if rows == 1 or (batch == 1 and rows <= 16):  # decode; speculative verify steps
             self._logits[key] = out
         return out
 
@@ -215,6 +227,13 @@ class Runner:
         chunk = self.settings.prefill_chunk if prefill_chunk is None else prefill_chunk
         ctx = self.folder.context
         self.check_prompt(max((len(p) for p in prompts), default=0))
+        if self.speculator is not None:
+            if len(prompts) != 1:
+                raise Qwen2Error("speculative decoding (--lookup, --draft) runs one prompt at a time")
+            from .speculative import speculative_generate
+
+            yield from speculative_generate(self, prompts[0], params, self.speculator, chunk, stop_check)
+            return
         ids_t, mask_t = left_pad(prompts, self.folder.pad_token_id)
         ids, mask = ids_t.numpy(), mask_t.numpy()
         B, T = ids.shape
