@@ -4,7 +4,7 @@ control). A benchmark: prints a table, asserts nothing. Greedy; each prompt runs
 (A/B interleaved), and the table says whether the two outputs are the same tokens.
 
     python bench/speculative.py --model exports/qwen2-0.5b-int4 [--fp32 exports/qwen2-0.5b-fp32] \
-        [--lookup 8] [--draft-tokens 6] [--tokens 128]
+        [--lookup 16] [--draft-tokens 12] [--tokens 128]
 
 Rows: prompt lookup on --model; prompt lookup on --fp32; --model drafting for --fp32 (when --fp32 is given).
 """
@@ -69,8 +69,8 @@ def measure(target: Runner, proposer, ids: list[int], tokens: int) -> tuple[list
               help="The export to speed up with prompt lookup (e.g. the default int4); also the draft for --fp32.")
 @click.option("--fp32", type=click.Path(exists=True, file_okay=False), default=None,
               help="An fp32 export of the same model: prompt lookup on it, and --model drafting for it.")
-@click.option("--lookup", default=8, show_default=True, help="Prompt-lookup draft tokens.")
-@click.option("--draft-tokens", default=6, show_default=True)
+@click.option("--lookup", default=16, show_default=True, help="Prompt-lookup draft tokens.")
+@click.option("--draft-tokens", default=12, show_default=True)
 @click.option("--tokens", default=128, show_default=True, help="New tokens per prompt (greedy).")
 @click.option("--threads", default=os.cpu_count() or 1, show_default=True)
 def main(folder, fp32, lookup, draft_tokens, tokens, threads):

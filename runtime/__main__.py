@@ -65,7 +65,7 @@ def cli() -> None:
 @click.option("--draft", type=click.Path(), default=None, metavar="DIR",
               help="Speculative decoding with a draft export of the same family (e.g. a 0.5B int4 for a 7B).")
 @click.option("--draft-tokens", type=click.IntRange(1), default=None, metavar="K",
-              help="Tokens the draft proposes per step (default 6).")
+              help="Most tokens the draft proposes per step (default 12; fewer after rejections).")
 @session_options
 def generate(model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
              stop_strings, lookup, draft, draft_tokens, device, provider, threads, prefill_chunk,
@@ -119,7 +119,7 @@ def speculator(target, lookup, draft, draft_tokens, settings):
     if draft:
         from .runner import Runner
 
-        return DraftModel(Runner(draft, settings), draft_tokens or 6, target)
+        return DraftModel(Runner(draft, settings), draft_tokens or 12, target)
     return None
 
 
@@ -158,8 +158,11 @@ def bench(model, prompt_tokens, new_tokens, runs, as_json, device, provider, thr
 @click.option("--name", default=None, help="The model id clients send (default: the folder's name).")
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=None,
               help="Seconds a request may take; it then ends with what it has (finish_reason length).")
+@click.option("--lookup", type=click.IntRange(0), default=0, metavar="N",
+              help="Prompt-lookup speculative decoding (drafts of up to N tokens) while one stream decodes alone; "
+                   "outputs are unchanged.")
 @session_options
-def serve(model, host, port, max_batch, max_queue, context, name, request_timeout, device, provider, threads,
+def serve(model, host, port, max_batch, max_queue, context, name, request_timeout, lookup, device, provider, threads,
           prefill_chunk, profile_prefix) -> None:
     """An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health) with
     continuous batching."""
@@ -171,7 +174,7 @@ def serve(model, host, port, max_batch, max_queue, context, name, request_timeou
 
     settings = settings_from(device, provider, threads, prefill_chunk, profile_prefix)
     engine = BatchEngine(Runner(model, settings), slots=max_batch, capacity=context,
-                         chunk=settings.prefill_chunk or 256, max_queue=max_queue)
+                         chunk=settings.prefill_chunk or 256, max_queue=max_queue, lookup=lookup)
     run_server(engine, name or Path(model).resolve().name, host, port, request_timeout)
 
 

@@ -32,6 +32,7 @@ from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.generate import next_token
 
 from .runner import GenerationConfig, Runner, _StopText, apply_repetition_penalty
+from .speculative import Draft, PromptLookup, _verify
 
 
 class QueueFull(Qwen2Error):
@@ -68,19 +69,21 @@ class _Slot:
     gen: torch.Generator | None = None
     seen: torch.Tensor | None = None  # repetition penalty: tokens seen
     text: _StopText | None = None
+    lookup: PromptLookup | None = None
 
 
 class BatchEngine:
     def __init__(self, runner: Runner, slots: int = 4, capacity: int | None = None, chunk: int = 256,
-                 max_queue: int = 64):
+                 max_queue: int = 64, lookup: int = 0):
         """`slots`: sequences decoded together; `capacity`: each sequence's longest prompt + output (default: the
-        export's context); `chunk`: prompt tokens per prefill step; `max_queue`: requests waiting for a slot."""
+        export's context); `chunk`: prompt tokens per prefill step; `max_queue`: requests waiting for a slot;
+        `lookup`: prompt-lookup drafts of up to this many tokens while one stream decodes alone (0: off)."""
         if not runner.per_row:
             raise Qwen2Error(f"{runner.folder.path}: continuous batching needs an export whose rows keep their own "
                              "lengths: re-export with --attention seqlens")
         self.runner, self.slots = runner, slots
         self.capacity = min(capacity or runner.folder.context, runner.folder.context)
-        self.chunk, self.max_queue = chunk, max_queue
+        self.chunk, self.max_queue, self.lookup = chunk, max_queue, lookup
         runner._ensure_cache(slots, self.capacity)
         self.cache = runner.cache
         self.rows: list[_Slot | None] = [None] * slots
@@ -142,7 +145,8 @@ class BatchEngine:
             seen[0, req.prompt] = True
         tok = self.runner.folder.tokenizer
         return _Slot(req, gen=torch.Generator().manual_seed(p.seed) if p.seed is not None else None, seen=seen,
-                     text=_StopText(tok, p.stop_strings) if tok is not None else None)
+                     text=_StopText(tok, p.stop_strings) if tok is not None else None,
+                     lookup=PromptLookup(self.lookup) if self.lookup and seen is None else None)
 
     def _prefill_chunk(self) -> None:
         """One prefill step of at most `chunk` tokens. The first filling row alone, `chunk` tokens of its prompt; or,
@@ -183,6 +187,9 @@ class BatchEngine:
         """One step over the rows up to the last decoding one (a prefix of the cache: rows are taken lowest
         first, so a lone stream decodes as a batch of one)."""
         live = [r for r, s in enumerate(self.rows) if s is not None and s.next_token is not None]
+        if len(live) == 1 and self.rows[live[0]].lookup is not None and not self.waiting \
+                and all(s is None or s.next_token is not None for s in self.rows):
+            return self._speculate(live[0])
         n = live[-1] + 1
         lengths = self.cache.lengths.copy()
         ids = np.zeros((n, 1), dtype=np.int64)
@@ -202,15 +209,43 @@ class BatchEngine:
             self.cache.lengths[r] += 1
             self._sample(r, logits[r:r + 1])
 
+    def _speculate(self, r: int) -> None:
+        """A lone decoding stream: one verify step over its token and a prompt-lookup draft (speculative.py), in
+        its row alone; the accepted tokens and the step's own are emitted, the cache rolled back past the rest."""
+        s = self.rows[r]
+        p = s.req.params
+        L = int(self.cache.lengths[r])
+        seq = s.req.prompt + s.req.tokens
+        room = min(s.lookup.k, p.max_new_tokens - len(s.req.tokens) - 1, self.capacity - L - 2)
+        draft = s.lookup.propose(seq, room, p, s.gen) if room > 0 else Draft([])
+        feed = [s.next_token] + draft.tokens
+        S = len(feed)
+        out = self.runner.step(np.array([feed], dtype=np.int64), np.ones((1, L + S), dtype=np.int64),
+                               np.arange(L, L + S)[None], row=r, keep=S)
+        self.steps += 1
+        take, nxt = _verify(torch.from_numpy(np.array(out, dtype=np.float32).reshape(S, -1)), draft, p, s.gen)
+        s.lookup.accepted(len(seq) + len(take), len(draft.tokens), len(take))
+        self.cache.lengths[r] = L + 1
+        for t in take:
+            if not self._emit(r, t):
+                return
+            self.cache.lengths[r] += 1
+        self._emit(r, nxt)
+
     def _sample(self, r: int, logits: np.ndarray) -> None:
-        """The row's next token from its logits (its own sampler and generator), emitted; the row ends on a stop
-        token or string, its max_new_tokens, or the capacity."""
+        """The row's next token from its logits (its own sampler and generator), emitted."""
         s = self.rows[r]
         p = s.req.params
         scores = torch.from_numpy(logits)
         if s.seen is not None:
             scores = apply_repetition_penalty(scores, s.seen, p.repetition_penalty)
-        tok = int(next_token(scores, p, s.gen)[0])
+        self._emit(r, int(next_token(scores, p, s.gen)[0]))
+
+    def _emit(self, r: int, tok: int) -> bool:
+        """Give the row its next token; the row ends on a stop token or string, its max_new_tokens, or the
+        capacity. Whether it goes on."""
+        s = self.rows[r]
+        p = s.req.params
         if s.seen is not None:
             s.seen[0, tok] = True
         s.req.tokens.append(tok)
@@ -230,6 +265,8 @@ class BatchEngine:
             self._end(r, "context")
         else:
             s.next_token = tok
+            return True
+        return False
 
     def _end(self, r: int, reason: str) -> None:
         s = self.rows[r]

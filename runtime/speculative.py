@@ -4,7 +4,7 @@ agrees with plus one token of its own, and rolls the KV cache back over the rest
 buffer (kv.py) a rollback is a shorter length, nothing is copied.
 
 Proposers:
-- `PromptLookup(n)`: the tokens that followed the latest earlier occurrence of the sequence's last 2-4 tokens
+- `PromptLookup(n)`: the tokens that followed the latest earlier occurrence of the sequence's last 4 or 3 tokens
   (prompt-lookup decoding): free to compute, and right whenever the output copies its input — code edits,
   refactors, annotations.
 - `DraftModel(runner, k)`: another export of the family (same tokenizer, checked), run greedily or with the same
@@ -47,12 +47,12 @@ class Draft:
 
 class PromptLookup:
     """Drafts from n-gram matches in the sequence so far (prompt and output): the tokens that followed the latest
-    earlier occurrence of its last `max_ngram` .. `min_ngram` tokens. A verify step over several tokens costs a CPU
+    earlier occurrence of its last 4, else 3 tokens. A verify step over several tokens costs a CPU
     more than a one-token step (about 1.7x for two tokens on 2 cores), so a draft that misses is not free: after a
     miss (nothing accepted) the lookup rests for 1, 2, 4 .. 16 steps, and each draft is as long as the last one
     accepted plus one, doubling while they are accepted whole, up to `tokens`."""
 
-    def __init__(self, tokens: int, max_ngram: int = 4, min_ngram: int = 2):
+    def __init__(self, tokens: int, max_ngram: int = 4, min_ngram: int = 3):
         if tokens < 1:
             raise Qwen2Error(f"--lookup must be at least 1, not {tokens}")
         self.k, self.max_ngram, self.min_ngram = tokens, max_ngram, min_ngram
@@ -88,7 +88,9 @@ class PromptLookup:
 
 
 class DraftModel:
-    """A smaller (or cheaper) export of the same family drafts k tokens one step at a time."""
+    """A smaller (or cheaper) export of the same family drafts up to k tokens, one step at a time: as many as the
+    last draft's accepted tokens plus two, doubling while drafts are accepted whole (each drafted token costs a
+    draft step whether it is kept or not)."""
 
     def __init__(self, runner: "Runner", tokens: int, target: "Runner"):
         if tokens < 1:
@@ -102,12 +104,13 @@ class DraftModel:
                              f"({target.folder.path}): a draft must come from the same model family")
         self.r, self.k, self.vocab = runner, tokens, target.vocab
         self.fed = 0  # tokens of the sequence in the draft's cache
+        self.length = tokens
 
     def start(self, prompt: Sequence[int], params) -> None:
         """The draft's prefill of the prompt, all but its last token (the first propose feeds that and on)."""
         r = self.r
         r._ensure_cache(1, r.folder.context)
-        self.fed = 0
+        self.fed, self.length = 0, self.k
         if len(prompt) > 1 and len(prompt) <= r.cache.capacity:
             r.prefill(np.array([list(prompt[:-1])]), np.ones((1, len(prompt) - 1), dtype=np.int64),
                       r.settings.prefill_chunk)
@@ -115,7 +118,7 @@ class DraftModel:
 
     def propose(self, seq: Sequence[int], n: int, params, gen) -> Draft:
         r = self.r
-        n = min(n, r.cache.capacity - len(seq))
+        n = min(n, self.length, r.cache.capacity - len(seq))
         if n <= 0:
             return Draft([])
         new = list(seq[self.fed:])
@@ -145,6 +148,8 @@ class DraftModel:
         """The target kept the first `seq_len` tokens: drop the rest from the draft's cache."""
         self.fed = min(self.fed, seq_len)
         self.r.cache.lengths[:] = self.fed
+        if drafted:
+            self.length = min(self.k, 2 * self.length) if kept == drafted else max(2, kept + 2)
 
 
 def tokenizer_digest(folder) -> str | None:

@@ -70,6 +70,25 @@ def test_requests_arriving_together_are_prefilled_together(folder):
     assert engine.prefills == 2
 
 
+def test_lookup_speculation_while_alone(folder):
+    """With prompt lookup on, a stream decoding alone verifies drafts (fewer steps than tokens) and every request,
+    alone or joined by others, greedy or seeded, still gets its single-stream tokens."""
+    rep = [5, 9, 200, 31, 77, 12] * 3
+    params = [cfg(30), cfg(20), cfg(12, temperature=0.8, seed=2)]
+    engine = BatchEngine(Runner(folder, CPU2), slots=2, chunk=32, lookup=6)
+    first = engine.submit(rep, params[0])
+    engine.run_until_idle()
+    assert first.tokens == alone(folder, rep, params[0]) and engine.steps < len(first.tokens) - 1
+    reqs = [engine.submit(rep, params[1])]
+    for _ in range(4):
+        engine.step()
+    reqs += [engine.submit(PROMPTS[2], params[2]), engine.submit(PROMPTS[0], params[0])]
+    engine.run_until_idle()
+    assert reqs[0].tokens == alone(folder, rep, params[1])
+    assert reqs[2].tokens == alone(folder, PROMPTS[0], params[0])
+    assert len(reqs[1].tokens) == 12 and reqs[1].finish == "length"  # sampled: speculation changes the draws
+
+
 def test_stop_tokens_cancel_deadline_and_queue(folder):
     engine = BatchEngine(Runner(folder, CPU2), slots=2, chunk=8, max_queue=2)
     free = alone(folder, PROMPTS[0], cfg(10))
