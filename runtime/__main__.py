@@ -161,12 +161,43 @@ def bench(model, prompt_tokens, new_tokens, runs, as_json, device, provider, thr
 @click.option("--lookup", type=click.IntRange(0), default=0, metavar="N",
               help="Prompt-lookup speculative decoding (drafts of up to N tokens) while one stream decodes alone; "
                    "outputs are unchanged.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve through Ray Serve: replicas (each its own ONNX Runtime session) over a Ray cluster.")
+@click.option("--replicas", type=click.IntRange(1), default=None, help="With --ray: this many replicas (default 1).")
+@click.option("--autoscale", default=None, metavar="MIN,MAX",
+              help="With --ray: let Ray Serve keep between MIN and MAX replicas, by requests in flight.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --ray: join this running cluster ('auto': the one on this machine); default: start Ray here.")
+@click.option("--replica-cpus", type=click.FloatRange(0, min_open=True), default=1, show_default=True,
+              help="With --ray: CPUs each replica asks Ray for (and its ONNX Runtime threads, unless --threads).")
 @session_options
-def serve(model, host, port, max_batch, max_queue, context, name, request_timeout, lookup, device, provider, threads,
-          prefill_chunk, profile_prefix) -> None:
+def serve(model, host, port, max_batch, max_queue, context, name, request_timeout, lookup, use_ray, replicas,
+          autoscale, ray_address, replica_cpus, device, provider, threads, prefill_chunk, profile_prefix) -> None:
     """An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health) with
-    continuous batching."""
+    continuous batching; with --ray, replicas of it on Ray Serve."""
     from pathlib import Path
+
+    if not use_ray and (replicas or autoscale or ray_address):
+        raise click.UsageError("--replicas, --autoscale and --ray-address go with --ray")
+    if use_ray:
+        try:
+            from . import ray_serve
+        except ImportError:
+            raise click.ClickException('--ray needs Ray Serve: pip install -e ".[ray]"') from None
+        auto = None
+        if autoscale:
+            try:
+                auto = tuple(int(x) for x in autoscale.split(","))
+                assert len(auto) == 2
+            except (ValueError, AssertionError):
+                raise click.BadParameter(f"{autoscale!r}: expected MIN,MAX (two integers)",
+                                         param_hint="--autoscale") from None
+        settings = settings_from(device, provider, threads, prefill_chunk, profile_prefix)
+        app = ray_serve.application(model, name or Path(model).resolve().name, replicas, auto, max_batch, max_queue,
+                                    context, request_timeout, replica_cpus, threads,
+                                    settings.prefill_chunk or 256, lookup)
+        ray_serve.run(app, host, port, ray_address)
+        return
 
     from .batching import BatchEngine
     from .runner import Runner

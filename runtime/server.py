@@ -90,8 +90,10 @@ class EngineLoop(threading.Thread):
                 self.engine.fail_all("error")
 
 
-def create_app(engine: BatchEngine, model_name: str, timeout_s: float | None = None) -> FastAPI:
-    """`timeout_s`: each request's deadline (it ends with what it has, finish_reason "length")."""
+def create_app(engine: BatchEngine, model_name: str, timeout_s: float | None = None,
+               replica: str | None = None) -> FastAPI:
+    """`timeout_s`: each request's deadline (it ends with what it has, finish_reason "length"). `replica`: this
+    copy's name among several (Ray Serve): sent as the `x-replica` header of every answer and in /health."""
     loop_thread = EngineLoop(engine)
     folder = engine.runner.folder
     tok = folder.tokenizer
@@ -103,6 +105,12 @@ def create_app(engine: BatchEngine, model_name: str, timeout_s: float | None = N
         loop_thread.wake.set()
 
     app = FastAPI(title="qwen2-export server", lifespan=lifespan)
+    if replica is not None:
+        @app.middleware("http")
+        async def _name(request: Request, call_next):
+            response = await call_next(request)
+            response.headers["x-replica"] = replica
+            return response
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -120,7 +128,8 @@ def create_app(engine: BatchEngine, model_name: str, timeout_s: float | None = N
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": sum(r is not None for r in engine.rows), "waiting": len(engine.waiting)}
+        return {"status": "ok", "running": sum(r is not None for r in engine.rows), "waiting": len(engine.waiting)} \
+            | ({"replica": replica} if replica is not None else {})
 
     @app.get("/v1/models")
     async def models():

@@ -45,16 +45,21 @@ def _tokenizer(folder) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>"}))
 
 
+def tiny_server_export(out):
+    """A tiny random seqlens export with the tiny tokenizer and chat template (shared with the Ray test)."""
+    ckpt = random_checkpoint("tiny-untied")
+    export_onnx(ckpt, make_plan("onnx", ckpt, dtype="fp32", attention="seqlens", out=out, verify=False))
+    _tokenizer(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     import uvicorn
 
     from runtime.server import create_app
 
-    ckpt = random_checkpoint("tiny-untied")
-    out = tmp_path_factory.mktemp("server") / "seqlens"
-    export_onnx(ckpt, make_plan("onnx", ckpt, dtype="fp32", attention="seqlens", out=out, verify=False))
-    _tokenizer(out)
+    out = tiny_server_export(tmp_path_factory.mktemp("server") / "seqlens")
     engine = BatchEngine(Runner(out, CPU2), slots=4, capacity=96, chunk=8, max_queue=8)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
