@@ -73,7 +73,8 @@ def measure(target: Runner, proposer, ids: list[int], tokens: int) -> tuple[list
 @click.option("--draft-tokens", default=12, show_default=True)
 @click.option("--tokens", default=128, show_default=True, help="New tokens per prompt (greedy).")
 @click.option("--threads", default=os.cpu_count() or 1, show_default=True)
-def main(folder, fp32, lookup, draft_tokens, tokens, threads):
+@click.option("--sets", default="code edit,free", show_default=True, help="Prompt sets to run, comma-separated.")
+def main(folder, fp32, lookup, draft_tokens, tokens, threads, sets):
     s = SessionSettings(threads=threads)
     load0 = os.getloadavg()[0]
     small = Runner(folder, s)
@@ -83,7 +84,10 @@ def main(folder, fp32, lookup, draft_tokens, tokens, threads):
         cases += [(Path(fp32).name, big, "prompt lookup", lambda t: PromptLookup(lookup)),
                   (Path(fp32).name, big, f"draft {Path(folder).name}", lambda t: DraftModel(small, draft_tokens, t))]
     rows = []
+    chosen = [x.strip() for x in sets.split(",")]
     for set_name, texts in prompts().items():
+        if set_name not in chosen:
+            continue
         for name, target, how, make in cases:
             agg = {"plain_s": 0.0, "spec_s": 0.0, "plain_n": 0, "spec_n": 0, "drafted": 0, "accepted": 0,
                    "steps": 0, "same": 0}

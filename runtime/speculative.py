@@ -107,9 +107,10 @@ class DraftModel:
         self.length = tokens
 
     def start(self, prompt: Sequence[int], params) -> None:
-        """The draft's prefill of the prompt, all but its last token (the first propose feeds that and on)."""
+        """The draft's prefill of the prompt, all but its last token (the first propose feeds that and on), into a
+        cache sized for this generation."""
         r = self.r
-        r._ensure_cache(1, r.folder.context)
+        r._ensure_cache(1, min(r.folder.context, len(prompt) + params.max_new_tokens + self.k + 1))
         self.fed, self.length = 0, self.k
         if len(prompt) > 1 and len(prompt) <= r.cache.capacity:
             r.prefill(np.array([list(prompt[:-1])]), np.ones((1, len(prompt) - 1), dtype=np.int64),
