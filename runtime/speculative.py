@@ -16,9 +16,11 @@ accept a drafted x with probability min(1, p(x)/q(x)), else sample from max(0, p
 acceptances sample one more from p; the output is distributed as sampling from p alone. A lookup draft is a point
 mass (q(x) = 1).
 
-A caveat of floating point, not of the method: the verify step runs k+1 positions through kernels that may round
-differently from a one-token step (an int4 export's fp32-compute MatMulNBits does, by ~1e-6 relative), so at an
-exact near-tie of the top two logits greedy speculation can pick the other one.
+A caveat of floating point, not of the method: the verify step runs k+1 positions through kernels that round
+differently from a one-token step (GroupQueryAttention by ~1e-6 relative, measured). In an fp32 export that stays
+~1e-5 in the logits and greedy speculation gives plain greedy's tokens; an int4 export quantizes its activations to
+int8 inside MatMulNBits (accuracy level 4), which turns such ulps into whole quantization steps, ~0.2 in the
+logits by the last layer, so at a near-tie greedy speculation on int4 can take the other branch.
 """
 
 from __future__ import annotations
