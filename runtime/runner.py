@@ -122,6 +122,7 @@ class Runner:
         self._io = sess.io_binding()
         self.stats = Stats()
         self.speculator = None  # speculative.PromptLookup or DraftModel: generate() speculates (a batch of one)
+        self._keeps: dict[int, object] = {}
 
     # ---- one forward step ------------------------------------------------------------------------------------------
     def _logits_out(self, batch: int, rows: int):
@@ -158,7 +159,7 @@ class Runner:
         for name, a in zip(("input_ids", "attention_mask", "position_ids"), feeds):
             io.bind_cpu_input(name, a)
         if self.keep_last:  # an overridable initializer: bind_cpu_input rejects those, an OrtValue binds
-            io.bind_ortvalue_input(KEEP, self._keep_one if keep == 1 else self._keep(keep))
+            io.bind_ortvalue_input(KEEP, self._keep_one if keep == 1 else self._keep(keep))  # kept alive: cached
         rows = keep if self.keep_last else S
         ov, host = self._logits_out(B, rows)
         io.bind_ortvalue_output("logits", ov)
@@ -175,9 +176,13 @@ class Runner:
         return host[:, -1] if keep == 1 else host[:, -keep:]
 
     def _keep(self, k: int):
-        import onnxruntime as ort
+        """The `logits_to_keep` value k as an OrtValue, one per k for the runner's life: the binding holds only a
+        pointer to its memory, which must outlive the run."""
+        if k not in self._keeps:
+            import onnxruntime as ort
 
-        return ort.OrtValue.ortvalue_from_numpy(np.array(k, dtype=np.int64))
+            self._keeps[k] = ort.OrtValue.ortvalue_from_numpy(np.array(k, dtype=np.int64))
+        return self._keeps[k]
 
     def _ensure_cache(self, batch: int, tokens: int) -> KVCache:
         if self.cache is None or not self.cache.fits(batch, tokens):
