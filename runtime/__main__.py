@@ -193,9 +193,10 @@ def serve(model, host, port, max_batch, max_queue, context, name, request_timeou
                 raise click.BadParameter(f"{autoscale!r}: expected MIN,MAX (two integers)",
                                          param_hint="--autoscale") from None
         settings = settings_from(device, provider, threads, prefill_chunk, profile_prefix)
-        app = ray_serve.application(model, name or Path(model).resolve().name, replicas, auto, max_batch, max_queue,
-                                    context, request_timeout, replica_cpus, threads,
-                                    settings.prefill_chunk or 256, lookup)
+        app = ray_serve.application(model, name or Path(model).resolve().name, replicas, auto, max_batch=max_batch,
+                                    max_queue=max_queue, context=context, timeout_s=request_timeout,
+                                    num_cpus=replica_cpus, threads=threads, prefill_chunk=settings.prefill_chunk or 256,
+                                    lookup=lookup, settings=settings)
         ray_serve.run(app, host, port, ray_address)
         return
 
