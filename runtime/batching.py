@@ -32,7 +32,7 @@ from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.generate import next_token
 
 from .runner import GenerationConfig, Runner, _StopText, apply_repetition_penalty
-from .speculative import Draft, PromptLookup, _verify
+from .speculative import Draft, PromptLookup, verify
 
 
 class QueueFull(Qwen2Error):
@@ -218,12 +218,8 @@ class BatchEngine:
         seq = s.req.prompt + s.req.tokens
         room = min(s.lookup.k, p.max_new_tokens - len(s.req.tokens) - 1, self.capacity - L - 2)
         draft = s.lookup.propose(seq, room, p, s.gen) if room > 0 else Draft([])
-        feed = [s.next_token] + draft.tokens
-        S = len(feed)
-        out = self.runner.step(np.array([feed], dtype=np.int64), np.ones((1, L + S), dtype=np.int64),
-                               np.arange(L, L + S)[None], row=r, keep=S)
+        take, nxt = verify(self.runner, s.next_token, draft, L, p, s.gen, row=r)
         self.steps += 1
-        take, nxt = _verify(torch.from_numpy(np.array(out, dtype=np.float32).reshape(S, -1)), draft, p, s.gen)
         s.lookup.accepted(len(seq) + len(take), len(draft.tokens), len(take))
         self.cache.lengths[r] = L + 1
         for t in take:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from qwen2_ref.errors import Qwen2Error
-from qwen2_ref.generate import sampling_probs
+from qwen2_ref.generate import next_token, sampling_probs
 
 if TYPE_CHECKING:
     from .runner import GenerationConfig, Runner
@@ -194,7 +194,7 @@ def speculative_generate(runner: "Runner", prompt: Sequence[int], params: "Gener
     proposer.start(prompt, params)
     logits = runner.prefill(np.array([list(prompt)]), np.ones((1, T), dtype=np.int64), prefill_chunk)
     seq = list(prompt)
-    x = _sample(torch.from_numpy(np.array(logits[0:1], dtype=np.float32)), params, gen)
+    x = int(next_token(torch.from_numpy(np.array(logits[0:1], dtype=np.float32)), params, gen)[0])
     st.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     while True:
@@ -211,13 +211,9 @@ def speculative_generate(runner: "Runner", prompt: Sequence[int], params: "Gener
         L = int(cache.lengths[0])  # = len(seq) - 1: the last token is not fed yet
         room = min(proposer.k, steps - st.new_tokens - 1, cache.capacity - L - 1)
         draft = proposer.propose(seq, room, params, gen) if room > 0 else Draft([])
-        feed = [x] + draft.tokens
-        S = len(feed)
-        out = runner.step(np.array([feed]), np.ones((1, L + S), dtype=np.int64), np.arange(L, L + S)[None], keep=S)
-        scores = torch.from_numpy(np.array(out, dtype=np.float32).reshape(S, -1))
+        take, nxt = verify(runner, x, draft, L, params, gen)
         st.verify_steps += 1
         st.drafted += len(draft.tokens)
-        take, nxt = _verify(scores, draft, params, gen)
         st.accepted += len(take)
         # keep x and the accepted drafts; the rejected ones' keys are past the new length
         cache.lengths[0] = L + 1 + len(take)
@@ -241,10 +237,15 @@ def speculative_generate(runner: "Runner", prompt: Sequence[int], params: "Gener
     st.decode_s = time.perf_counter() - t1
 
 
-def _sample(scores: torch.Tensor, params, gen) -> int:
-    if params.greedy:
-        return int(scores.argmax())
-    return int(torch.multinomial(sampling_probs(scores, params)[0], 1, generator=gen))
+def verify(runner: "Runner", last: int, draft: Draft, length: int, params, gen,
+           row: int | None = None) -> tuple[list[int], int]:
+    """One forward step over `last` and the drafted tokens at positions length, length+1, .. (the cache's rows
+    `row` alone, or its only row), every position's logits kept; (the drafted tokens accepted, the next token)."""
+    feed = [last] + draft.tokens
+    S = len(feed)
+    out = runner.step(np.array([feed], dtype=np.int64), np.ones((1, length + S), dtype=np.int64),
+                      np.arange(length, length + S)[None], row=row, keep=S)
+    return _verify(torch.from_numpy(np.array(out, dtype=np.float32).reshape(S, -1)), draft, params, gen)
 
 
 def _verify(scores: torch.Tensor, draft: Draft, params, gen) -> tuple[list[int], int]:
