@@ -118,8 +118,9 @@ def main(folder, gguf, levels, tokens, rounds, threads):
     finally:
         for p in procs.values():
             p.terminate()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if ln.startswith("Model name")), "?")
+    from peers import cpu_model  # bench/ is the script's folder, first on sys.path
+
+    cpu = cpu_model()
     print(f"\n{cpu}, {os.cpu_count()} cores, load average {load0:.2f} at the start; {tokens} tokens per request, "
           f"median of {rounds} rounds\n")
     print("| server | streams | aggregate tok/s | TTFT p50 s | TTFT p99 s | inter-token p50 ms | inter-token p99 ms |")

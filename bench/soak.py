@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -183,8 +182,9 @@ def main(folder, minutes, clients, max_batch, context, threads, seed):
             time.sleep(0.5)
     finally:
         proc.terminate()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if ln.startswith("Model name")), "?")
+    from peers import cpu_model  # bench/ is the script's folder, first on sys.path
+
+    cpu = cpu_model()
     print(f"\n{cpu}, {os.cpu_count()} cores; {clients} clients for {minutes:g} min, --max-batch {max_batch}, "
           f"load average {os.getloadavg()[0]:.2f} at the end\n")
     same = soak.counts.pop(("greedy text as alone", True), 0)

@@ -12,7 +12,6 @@ Rows: prompt lookup on --model; prompt lookup on --fp32; --model drafting for --
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,6 +77,9 @@ def main(folder, fp32, lookup, draft_tokens, tokens, threads, sets):
     s = SessionSettings(threads=threads)
     load0 = os.getloadavg()[0]
     small = Runner(folder, s)
+    if small.folder.tokenizer is None or (fp32 and not (Path(fp32) / "tokenizer.json").is_file()):
+        raise click.ClickException("the prompts are text: --model and --fp32 need exports with a tokenizer "
+                                   "(the real model's, not random weights)")
     cases = [(Path(folder).name, small, "prompt lookup", lambda t: PromptLookup(lookup))]
     if fp32:
         big = Runner(fp32, s)
@@ -106,8 +108,9 @@ def main(folder, fp32, lookup, draft_tokens, tokens, threads, sets):
                 click.echo(f"{set_name} | {name} | {how}: {st0.decode_tok_s:.1f} -> {st.decode_tok_s:.1f} tok/s, "
                            f"{st.acceptance:.0%} accepted", err=True)
             rows.append((set_name, name, how, agg, len(texts)))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if ln.startswith("Model name")), "?")
+    from peers import cpu_model  # bench/ is the script's folder, first on sys.path
+
+    cpu = cpu_model()
     print(f"\n{cpu}, {os.cpu_count()} cores, {threads} threads, load average {load0:.2f} at the start; greedy, "
           f"{tokens} new tokens per prompt (fewer where the model stops); lookup {lookup}, draft {draft_tokens}\n")
     print("| prompts | target | speculation | plain decode tok/s | speculative tok/s | speed-up | accepted | "
