@@ -22,14 +22,16 @@ def quantizer_options(f):
     """int4's recipe flags, the same for ONNX and Core ML."""
     f = click.option("--requantize", is_flag=True, help="Same as --quantizer rtn.")(f)
     f = click.option("--calibration", type=click.Path(), default=None,
-                     help="Text file the calibrated quantizer runs the model on (default: the one shipped in "
-                          "export/data; never the text you evaluate on).")(f)
+                     help="Text file the calibrated and mixed quantizers run the model on (default: the one "
+                          "shipped in export/data; never the text you evaluate on).")(f)
     return click.option(
-        "--quantizer", type=click.Choice(["calibrated", "exact", "rtn"]), default=None,
+        "--quantizer", type=click.Choice(["calibrated", "exact", "mixed", "rtn"]), default=None,
         help="int4: exact (default) = a GGUF's own blocks carried over (5/6/8-bit ones as 8-bit codes; float "
              "checkpoints: as rtn); calibrated = GPTQ 4-bit against the model's own activations on a calibration "
-             "text (needs the fp32 model in memory); rtn = clip-searched round-to-nearest 4-bit everywhere (the "
-             "smallest).")(f)
+             "text (needs the fp32 model in memory); mixed = per group of weights 4-bit or its wider form (a GGUF's "
+             "exact blocks, else 8-bit): the most bytes to 4-bit whose measured effect on the model's outputs "
+             "stays within --max-kl (needs the fp32 model in memory; ONNX only); rtn = clip-searched "
+             "round-to-nearest 4-bit everywhere (the smallest).")(f)
 
 
 def _export(target: str, size, checkpoint, random_weights, **flags) -> None:
@@ -83,6 +85,10 @@ def cli() -> None:
               help="Context length recorded for runtimes.")
 @click.option("--random-weights", is_flag=True, help="Random weights: architecture-only work, no checkpoint.")
 @quantizer_options
+@click.option("--max-kl", type=float, default=None,
+              help="--quantizer mixed: how far the 4-bit choice may move the model's next-token distributions, "
+                   "mean KL divergence in nats per token on the calibration text (default 0.005; 0: nothing "
+                   "4-bit that costs anything; larger: smaller and faster, less exact).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity gate (the report says so).")
 @click.option("--lowering", type=click.Choice(list(LOWERINGS)), default=None,

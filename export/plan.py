@@ -26,7 +26,8 @@ LOWERINGS = ("fused", "function")
 # bias (optimum's convention), "seqlens" = per-row lengths and no bias (onnxruntime-genai's; ORT's fast CUDA paths)
 ATTENTION = ("bias", "seqlens")
 # ONNX 4-bit quantizers (--quantizer) and the recipe each one puts in the plan
-QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "rtn": "requantize"}
+QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "mixed": "mixed", "rtn": "requantize"}
+CALIBRATED_RECIPES = ("calibrated", "mixed")  # the recipes that run the model on a calibration text
 # exact: a GGUF's own blocks (no re-quantization error), floats round-to-nearest. Not "calibrated" yet: on the
 # real 0.5B its GPTQ pass takes minutes and ~6 GiB (the fp32 reference in memory) and still costs ~+5% perplexity.
 DEFAULT_QUANTIZER = "exact"  # ONNX: ONNX Runtime's fused kernels, or standard ops + our domain's functions
@@ -54,7 +55,8 @@ class ExportPlan:
     target: str  # "onnx" | "coreml"
     precision: Precision
     recipe: str | None  # quantized precisions: "calibrated" (GPTQ against the reference's inputs on a calibration
-    # text; a GGUF keeps its exact blocks where they are worth their bits), "gguf-exact" (a GGUF keeps its blocks
+    # text; a GGUF keeps its exact blocks where they are worth their bits), "mixed" (per group 4-bit or its wide
+    # form, by measured sensitivity: export/mixed.py), "gguf-exact" (a GGUF keeps its blocks
     # where the target can run them), "requantize" (plain round-to-nearest from floats) or "palettize" (Core ML
     # k-means tables); None for floats
     lowering: str | None  # ONNX: "fused" | "function"; Core ML: None
@@ -66,6 +68,7 @@ class ExportPlan:
     overrides: tuple[str, ...] = field(default=())  # "--dtype fp16 overrides device profile l4's int4", ...
     calibration: Path | None = None  # the calibrated recipe's text (None: the one shipped in export/data)
     attention: str = "bias"  # ONNX fused lowering: "bias" | "seqlens" (ATTENTION)
+    max_kl: float | None = None  # the mixed recipe's budget (None: export/mixed.py's MIXED_BUDGET)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -78,7 +81,7 @@ class ExportPlan:
                 "lowering": self.lowering, "attention": self.attention if self.lowering == "fused" else None,
                 "context": self.context,
                 "calibration": (str(self.calibration) if self.calibration else "export/data/calibration.txt")
-                if self.recipe == "calibrated" else None,
+                if self.recipe in CALIBRATED_RECIPES else None,
                 "device_profile": self.profile.name if self.profile else None,
                 "gate": "on" if self.gate.enabled else "skipped (--no-verify)", "overrides": list(self.overrides)}
 
@@ -142,7 +145,7 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
               quantizer: str | None = None, calibration: str | Path | None = None,
               verify: bool = True, out: str | Path | None = None, overwrite: bool = False,
               tolerance: Tolerance | None = None, gate_batch: int = 1, activations: str | None = None,
-              attention: str | None = None) -> ExportPlan:
+              attention: str | None = None, max_kl: float | None = None) -> ExportPlan:
     if target not in precisions.TARGETS:
         raise ValueError(f"unknown target {target!r}")
     prof = target_profile(target, device)
@@ -186,8 +189,15 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
         recipe = "palettize" if prec.weights.scheme == "palette" else "requantize"
     else:
         recipe = QUANTIZERS[quantizer or DEFAULT_QUANTIZER] if prec.quantized else None
-    if calibration is not None and recipe != "calibrated":
-        raise Qwen2Error("--calibration applies to the calibrated quantizer (int4, --quantizer calibrated)")
+    if calibration is not None and recipe not in CALIBRATED_RECIPES:
+        raise Qwen2Error("--calibration applies to the calibrated and mixed quantizers (int4, --quantizer calibrated "
+                         "or mixed)")
+    if recipe == "mixed" and target != "onnx":
+        raise Qwen2Error("--quantizer mixed applies to ONNX int4 (Core ML int4 takes exact, calibrated or rtn)")
+    if max_kl is not None and recipe != "mixed":
+        raise Qwen2Error("--max-kl applies to the mixed quantizer (ONNX int4, --quantizer mixed)")
+    if max_kl is not None and not 0 <= max_kl < float("inf"):
+        raise Qwen2Error(f"--max-kl {max_kl}: expected a finite number of nats per token, 0 or more")
     if calibration is not None and not Path(calibration).expanduser().is_file():  # before any work, not at build
         raise Qwen2Error(f"--calibration {calibration}: no such file (expected a UTF-8 text file)")
     if out is None:
@@ -197,7 +207,7 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
                                  f"qwen2-{label}-coreml-{prec.name}")
     return ExportPlan(target, prec, recipe, low, int(ctx), prof, GateSettings(verify, tolerance, gate_batch),
                       Path(out), overwrite, tuple(notes), Path(calibration) if calibration is not None else None,
-                      layout)
+                      layout, max_kl)
 
 
 def precision_for(prof: devices.DeviceProfile, name: str, activations: str | None = None, what: str = "--dtype",

@@ -22,6 +22,7 @@ from qwen2_ref.progress import counter, status
 from qwen2_ref.weights import expected_tensors, load_into
 
 from ..calibrate import MAX_REFERENCE_BYTES, calibrated_weights
+from ..mixed import mixed_weights
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
 from ..plan import ExportPlan, make_plan
@@ -148,9 +149,11 @@ def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers:
                 ) -> tuple[dict, dict | None]:
     """The calibrated recipe's GPTQ results for the traced graph's linear weights ({} for other recipes). The
     size limit is the whole model's, so a big model's gate (its first layers) is quantized as the export is."""
-    if plan.recipe != "calibrated":
+    if plan.recipe not in ("calibrated", "mixed"):
         return {}, None
     names = {n for n, v in model.graph.initializers.items() if quantizable(n, v.shape) and "embed_tokens" not in n}
+    if plan.recipe == "mixed":
+        return mixed_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration, plan.max_kl)
     return calibrated_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration)
 
 

@@ -95,7 +95,7 @@ class WeightStreamer:
         return self.base
 
     def _quantized_blocks(self, param: str, spec: QuantSpec):
-        if spec.source == "gptq":
+        if param in self.calibrated:
             yield self.calibrated[param].quantized
             return
         n = self.n_rows(param)

@@ -1,0 +1,284 @@
+"""The mixed 4-bit recipe (`--quantizer mixed`): per group of weights, 4-bit or its wider form, chosen by measured
+sensitivity.
+
+A GGUF's 5-, 6- and 8-bit tensors travel as 8-bit codes (exact, but about twice the bytes of 4-bit); a float
+checkpoint's weights go as 8-bit round-to-nearest. Decode on a CPU reads every weight once per token, so each
+tensor moved to 4-bit saves about half its bytes and costs some quality. Which ones: measured on the model itself.
+
+1. One forward of the fp32 reference over the calibration text (the shipped one unless --calibration: never the
+   text perplexity is reported on) gathers each linear layer's input mean square per column, then the hidden state
+   entering every layer on the first SENSITIVITY_TOKENS tokens, and the wide model's next-token distributions there.
+2. Every candidate gets a 4-bit form: round-to-nearest with the clipping per block that minimizes the output error
+   weighted by those input statistics (`quant.quantize_weighted`).
+3. Sensitivity of each group (per layer: attention q/k/v/o, MLP gate/up, MLP down; and the LM head): the mean KL
+   divergence of the next-token distributions from the wide model's when that group alone is 4-bit (the forward
+   runs from its layer's cached input). KL, not the change in perplexity: a per-group perplexity change on a few
+   hundred tokens is mostly sign noise (tried: the choice then overfits those tokens).
+4. Groups go to 4-bit in order of KL per byte saved while the summed KL stays within the budget (--max-kl); then
+   all the chosen groups are applied together and measured, and the last ones dropped until that fits too
+   (interactions are measured, not assumed). The perplexity change is then measured on ASIDE_TOKENS calibration
+   tokens the choice never saw.
+
+The report's `calibration` section records each group's KL, bytes saved and choice; `quantized` the form each
+tensor was written in (`"from": "mixed"` for the chosen 4-bit ones).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from qwen2_ref.progress import console, status
+
+from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, SEQUENCE, Calibrated, CalibrationError,
+                        calibration_ids)
+from .quant import GGUF_EXACT, QuantSpec, output_error, quantize_rtn, quantize_weighted
+
+# How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
+# the wide weights, nats per token, on the calibration text (--max-kl). On the real 0.5B GGUF (README): 0.005 ->
+# 57 MiB less to read per token, +10% decode, held-out perplexity +2.0%; 0.01 -> 97 MiB, +19%, +2.3%.
+MIXED_BUDGET = 0.005
+SENSITIVITY_TOKENS = 256  # tokens each group's sensitivity is measured on (a forward from its layer per group)
+ASIDE_TOKENS = 512  # calibration tokens after those, never used to choose: the choice's perplexity checked on them
+LOW = QuantSpec(bits=4, block=32, source="mixed")
+WIDE_FLOAT = QuantSpec(bits=8, block=32, source="rtn8")  # the wide form of a float checkpoint's weight
+
+
+@dataclass
+class Group:
+    name: str  # "head", "layers.3.attn", "layers.3.mlp_in", "layers.3.down"
+    layer: int  # the layer whose input the measurement starts from (num_layers: after the final norm)
+    params: list[str]
+    saved: int = 0  # bytes saved per token read when 4-bit
+    delta: float = 0.0  # measured increase in mean NLL (nats per token)
+    chosen: bool = False
+
+
+def _bytes(spec: QuantSpec, n: int, k: int) -> int:
+    return sum(math.prod(s) * (1 if name == "B" or (name == "zero_points" and not spec.float_zp) else 4)
+               for name, s in spec.shapes(n, k).items())
+
+
+def wide_spec(source, name: str) -> QuantSpec | None:
+    """The form a weight takes when not 4-bit: a GGUF tensor's exact blocks when they are 8-bit codes (None when
+    they are 4-bit already: nothing to choose), a float checkpoint's 8-bit round-to-nearest."""
+    if getattr(source, "raw", None) is None:
+        return WIDE_FLOAT
+    gtype = source.tensor_type(name)
+    if gtype in GGUF_EXACT:
+        spec = GGUF_EXACT[gtype][2]
+        return spec if spec.bits == 8 else None
+    return WIDE_FLOAT
+
+
+def _groups(model, names: set[str], source) -> list[Group]:
+    L = model.config.num_hidden_layers
+    out = []
+    kinds = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+             "mlp_in": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+    for i in range(L):
+        for kind, parts in kinds.items():
+            ps = [f"model.layers.{i}.{p}.weight" for p in parts]
+            ps = [p for p in ps if p in names and wide_spec(source, p) is not None]
+            if ps:
+                out.append(Group(f"layers.{i}.{kind}", i, ps))
+    if "lm_head.weight" in names and wide_spec(source, "lm_head.weight") is not None:
+        out.append(Group("head", L, ["lm_head.weight"]))
+    return out
+
+
+class _Probe:
+    """The reference's forward from any layer's cached input to the mean NLL of the calibration tokens."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        from qwen2_ref.model import _Context
+
+        self.model, self.ids = model, ids
+        self.ref: torch.Tensor | None = None
+        B, T = ids.shape
+        mask = torch.ones(B, T, dtype=torch.long)
+        pos = torch.arange(T)[None].expand(B, T)
+        self.ctx = _Context(model.config, model.rope_inv_freq, model._rope_scale, pos, mask, 0)
+        self.empty = model.empty_past(B)
+        self.hidden: list[torch.Tensor] = []  # input of layer i; [L]: the last layer's output
+        x = model.model.embed_tokens(ids)
+        for i, layer in enumerate(model.model.layers):
+            self.hidden.append(x)
+            x, _ = layer(x, self.ctx, self.empty[i])
+        self.hidden.append(x)
+
+    def logits(self, start: int) -> torch.Tensor:
+        x = self.hidden[start]
+        for i in range(start, len(self.model.model.layers)):
+            x, _ = self.model.model.layers[i](x, self.ctx, self.empty[i])
+        return self.model.lm_head(self.model.model.norm(x))[0].float()  # (T, V)
+
+    def reference(self) -> None:
+        """Keep the current weights' next-token distributions as the reference KL is measured against."""
+        self.ref = torch.log_softmax(self.logits(0), dim=-1)
+
+    def kl(self, start: int, rows: int = 64) -> float:
+        """Mean KL(reference ‖ current weights) per token, the forward run from layer `start`'s cached input."""
+        logits, total = self.logits(start), 0.0
+        for r in range(0, logits.shape[0], rows):
+            ref = self.ref[r:r + rows]
+            total += float((ref.exp() * (ref - torch.log_softmax(logits[r:r + rows], dim=-1))).sum())
+        return total / logits.shape[0]
+
+
+@torch.no_grad()
+def _input_mean_squares(model, ids: list[int], names: set[str]) -> dict[str, torch.Tensor]:
+    """Per linear weight in `names`: its input's mean square per column over the calibration tokens."""
+    seqs = [ids[s:s + SEQUENCE] for s in range(0, len(ids) - SEQUENCE + 1, SEQUENCE)] or [ids]
+    sums: dict[str, torch.Tensor] = {}
+    count = [0]
+    hooks = []
+
+    def seen(pname: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        sums[pname] = sums.get(pname, 0) + x.square().sum(0)
+
+    for mname, mod in model.named_modules():
+        pname = f"{mname}.weight"
+        if pname in names and isinstance(mod, torch.nn.Linear) and pname != "lm_head.weight":
+            hooks.append(mod.register_forward_hook(lambda m, a, o, p=pname: seen(p, a[0])))
+    if "lm_head.weight" in names:
+        hooks.append(model.model.norm.register_forward_hook(lambda m, a, o: seen("lm_head.weight", o)))
+    try:
+        for s in seqs:
+            model(torch.tensor([s]), logits_to_keep=1)  # the head's hook sees the whole norm output
+            count[0] += len(s)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: v / count[0] for n, v in sums.items()}
+
+
+def _nll(model, ids: list[int]) -> float:
+    x = torch.tensor([ids])
+    logits, _ = model(x)
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:]))
+
+
+def _held_aside_increase(model, params, chosen: list[Group], low, apply, ids: list[int]) -> float:
+    """exp(Δ mean NLL) − 1 of the chosen 4-bit groups over their wide forms, on calibration tokens the choice did
+    not see (the model holds the chosen groups' 4-bit values on entry, and again on return)."""
+    mixed = _nll(model, ids)
+    apply(chosen, "wide")
+    wide = _nll(model, ids)
+    apply(chosen, "low")
+    return math.expm1(mixed - wide)
+
+
+@torch.no_grad()
+def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Module], text=None,
+                  max_kl: float | None = None) -> tuple[dict[str, Calibrated], dict]:
+    """{param: Calibrated} for every weight written in a form other than the recipe-less default (4-bit where
+    chosen; a float checkpoint's wide weights as 8-bit), and the report's account of the choice."""
+    from qwen2_ref.memory import release_freed_memory
+
+    cfg = ckpt.config
+    if cfg.num_parameters() * 4 > MAX_REFERENCE_BYTES:
+        gib = cfg.num_parameters() * 4 / 2**30
+        status(f"note: the mixed recipe measures on the fp32 reference in memory ({gib:.0f} GiB); "
+               "this size is written as --quantizer exact (a GGUF's blocks, else round-to-nearest)")
+        return {}, {"method": "none: the fp32 reference is too large to measure on (written as --quantizer exact)"}
+    t0 = time.perf_counter()
+    tokenizer = ckpt.tokenizer()
+    model = load_model()
+    try:
+        if tokenizer is not None:
+            ids = calibration_ids(tokenizer, text)
+            what = str(text) if text is not None else "export/data/calibration.txt"
+        elif text is not None:
+            raise CalibrationError(f"--calibration {text}: the checkpoint has no tokenizer to encode it with")
+        else:
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, model.config.vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
+            what = "pseudo-random token ids (the checkpoint has no tokenizer)"
+        params = dict(model.named_parameters())
+        params.setdefault("lm_head.weight", model.lm_head.weight)
+        groups = _groups(model, names, ckpt.source)
+        cand = [p for g in groups for p in g.params]
+        status(f"mixed 4-bit: input statistics of {len(cand)} weights on {len(ids)} calibration tokens ...")
+        ms = _input_mean_squares(model, ids, set(cand))
+        low, out, errors = {}, {}, {}
+        for i, p in enumerate(cand):
+            w = params[p]
+            low[p] = quantize_weighted(w, LOW, ms[p])
+            errors[p] = output_error(w, low[p], ms[p])
+            n, k = w.shape
+            for g in groups:
+                if p in g.params:
+                    g.saved += _bytes(wide_spec(ckpt.source, p), n, k) - _bytes(LOW, n, k)
+            if wide_spec(ckpt.source, p) is WIDE_FLOAT:
+                q = quantize_rtn(w, WIDE_FLOAT)
+                out[p] = Calibrated(q, output_error(w, q, ms[p]))
+                w.copy_(torch.from_numpy(q.dequantize()))  # sensitivities are measured against the wide form
+            if console.is_terminal:
+                console.print(f"  quantized {i + 1}/{len(cand)} weights ({time.perf_counter() - t0:.0f} s)", end="\r")
+        probe = _Probe(model, torch.tensor([ids[:SENSITIVITY_TOKENS]]))
+        probe.reference()
+
+        def apply(gs: list[Group], which: str) -> None:
+            for g in gs:
+                for p in g.params:
+                    if which == "low":
+                        params[p].copy_(torch.from_numpy(low[p].dequantize()))
+                    elif p in out:
+                        params[p].copy_(torch.from_numpy(out[p].quantized.dequantize()))
+                    else:  # a GGUF's exact blocks: what the reference was loaded with
+                        params[p].copy_(ckpt.source.get(p).to(torch.float32))
+
+        t1 = time.perf_counter()
+        for j, g in enumerate(groups):
+            apply([g], "low")
+            g.delta = probe.kl(g.layer)
+            apply([g], "wide")
+            if console.is_terminal:
+                el = time.perf_counter() - t1
+                console.print(f"  measured {j + 1}/{len(groups)} groups ({el:.0f} s, ETA "
+                              f"{el / (j + 1) * (len(groups) - j - 1):.0f} s)", end="\r")
+        allowed = MIXED_BUDGET if max_kl is None else max_kl
+        chosen, total = [], 0.0
+        for g in sorted(groups, key=lambda g: g.delta / max(g.saved, 1)):
+            if total + max(g.delta, 0.0) <= allowed:
+                chosen.append(g)
+                total += max(g.delta, 0.0)
+        apply(chosen, "low")
+        combined = probe.kl(0)
+        while chosen and combined > allowed:  # interactions: drop the costliest-per-byte groups until it fits
+            apply([chosen.pop()], "wide")
+            combined = probe.kl(0)
+        aside = ids[SENSITIVITY_TOKENS:SENSITIVITY_TOKENS + ASIDE_TOKENS]
+        checked = _held_aside_increase(model, params, chosen, low, apply, aside) if len(aside) > 1 else None
+        for g in chosen:
+            g.chosen = True
+            for p in g.params:
+                out[p] = Calibrated(low[p], errors[p])
+        saved = sum(g.saved for g in chosen)
+        total_wide = sum(g.saved for g in groups)
+        status(f"mixed 4-bit: {sum(len(g.params) for g in chosen)} of {len(cand)} weights to 4-bit "
+               f"({saved / 2**20:.0f} of {total_wide / 2**20:.0f} MiB that could be saved), KL to the wide "
+               f"weights {combined:.4f} nats/token on the calibration text (--max-kl {allowed:.4f}); "
+               + (f"perplexity {checked * 100:+.2f}% on {len(aside)} calibration tokens held aside from the choice"
+                  if checked is not None else "")
+               + f" in {time.perf_counter() - t0:.0f} s")
+    finally:
+        del model
+        release_freed_memory()
+    info = {"method": "mixed: per group 4-bit (input-weighted round-to-nearest) or its wide form, by measured "
+                      "sensitivity", "bits": LOW.bits, "block": LOW.block, "text": what, "tokens": len(ids),
+            "sensitivity_tokens": SENSITIVITY_TOKENS, "max_kl": allowed,
+            "kl": round(combined, 6),
+            "saved_mib": round(saved / 2**20, 1),
+            "groups": {g.name: {"weights": len(g.params), "kl": round(g.delta, 6),
+                                "saved_mib": round(g.saved / 2**20, 2), "choice": "4-bit" if g.chosen else "wide"}
+                       for g in groups},
+            "held_aside_perplexity_increase": None if checked is None else round(checked, 6),
+            "held_aside_tokens": len(aside), "seconds": round(time.perf_counter() - t0, 1)}
+    return out, info

@@ -1,0 +1,135 @@
+"""`--quantizer mixed`: per group of weights, 4-bit or its wide form (a GGUF's exact blocks, a float checkpoint's
+8-bit), chosen by measured KL within --max-kl. The choice recorded in the report is the one written (read back from
+the export), the budget holds on the measurement the choice is made on, and the sensitivity shortcut (a forward from
+a group's own layer) measures what a whole forward does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.mixed import _Probe
+from export.onnx import dequantized_reference, export_onnx, reference_model
+from export.plan import make_plan
+from export.tolerances import TINY_INT4_DEQUANTIZED
+from qwen2_ref.checkpoint import open_checkpoint
+from qwen2_ref.config import from_name
+from qwen2_ref.errors import Qwen2Error
+
+from .conftest import onnx_parity, random_checkpoint
+from .damaged import write_tiny_gguf
+
+# attention and gate as 8-bit codes (candidates), up already 4-bit (no choice), down 8-bit
+TYPES = {"attn_q.weight": "Q5_0", "attn_k.weight": "Q5_0", "attn_v.weight": "Q8_0", "attn_output.weight": "Q5_0",
+         "ffn_gate.weight": "Q8_0", "ffn_up.weight": "Q4_0", "ffn_down.weight": "Q8_0"}
+PROMPTS = [[5, 9, 200, 31, 77, 12], [8, 1, 3]]
+
+
+@pytest.fixture(scope="module")
+def gguf_ckpt(tmp_path_factory):
+    cfg = from_name("tiny").replace(tie_word_embeddings=False)
+    return open_checkpoint(write_tiny_gguf(tmp_path_factory.mktemp("mixed") / "tiny.gguf", cfg, TYPES))
+
+
+@pytest.fixture(scope="module")
+def mixed(gguf_ckpt, tmp_path_factory):
+    """max_kl -> (folder, report), each exported once."""
+    root, done = tmp_path_factory.mktemp("mixed-out"), {}
+
+    def get(max_kl: float):
+        if max_kl not in done:
+            out = root / f"kl-{max_kl}"
+            plan = make_plan("onnx", gguf_ckpt, dtype="int4", quantizer="mixed", max_kl=max_kl, out=out,
+                             verify=False)
+            done[max_kl] = out, export_onnx(gguf_ckpt, plan)
+        return done[max_kl]
+    return get
+
+
+def _choices(report) -> dict[str, str]:
+    """tensor -> "4-bit" | "wide", from the report's per-group account."""
+    out = {}
+    for name, g in report["calibration"]["groups"].items():
+        layer = name.split(".")[1] if name.startswith("layers.") else None
+        kind = name.rsplit(".", 1)[-1]
+        parts = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp_in": ("gate_proj", "up_proj"),
+                 "down": ("down_proj",), "head": ("lm_head",)}[kind]
+        for t in report["quantized"]:
+            if any(f".{p}." in f".{t}" for p in parts) and (layer is None or f"layers.{layer}." in t):
+                out[t] = g["choice"]
+    return out
+
+
+def test_no_budget_keeps_every_exact_block(mixed):
+    _, report = mixed(0.0)
+    assert all(g["choice"] == "wide" and g["kl"] > 0 for g in report["calibration"]["groups"].values())
+    froms = {n: q["from"] for n, q in report["quantized"].items()}
+    assert all(f in ("Q5_0", "Q8_0", "Q4_0") for f in froms.values()), froms
+
+
+def test_unbounded_budget_takes_every_candidate_to_4bit_and_the_export_computes_it(mixed, gguf_ckpt):
+    out, report = mixed(1e9)
+    q = report["quantized"]
+    assert all(g["choice"] == "4-bit" for g in report["calibration"]["groups"].values())
+    for n, info in q.items():
+        if "up_proj" in n or "embed_tokens" in n:  # already 4-bit / a gather: not candidates
+            assert info["from"] == TYPES["ffn_up.weight"] if "up_proj" in n else info["from"] != "mixed"
+        else:
+            assert info["from"] == "mixed" and info["bits"] == 4, (n, info)
+    d = onnx_parity(out, dequantized_reference(gguf_ckpt, report, out), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+    assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+
+
+def test_a_partial_budget_holds_and_the_report_says_what_was_written(mixed, gguf_ckpt):
+    _, full = mixed(1e9)
+    kls = sorted(g["kl"] for g in full["calibration"]["groups"].values())
+    budget = round(sum(kls) / 2, 6)
+    out, report = mixed(budget)
+    cal = report["calibration"]
+    chosen = [g for g in cal["groups"].values() if g["choice"] == "4-bit"]
+    assert 0 < len(chosen) < len(cal["groups"])
+    assert cal["kl"] <= budget and cal["max_kl"] == budget
+    assert sum(g["kl"] for g in chosen) <= budget + 1e-9
+    for t, choice in _choices(report).items():
+        f = report["quantized"][t]["from"]
+        assert (f == "mixed") == (choice == "4-bit") or f == "Q4_0", (t, choice, f)
+    assert cal["held_aside_tokens"] > 0 and cal["held_aside_perplexity_increase"] is not None
+    d = onnx_parity(out, dequantized_reference(gguf_ckpt, report, out), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+    assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+
+
+def test_sensitivity_from_a_layer_equals_a_whole_forward(gguf_ckpt):
+    """The shortcut each group's measurement takes (a forward from its layer's cached input) gives what a forward
+    from the embeddings gives with the same change, and nothing changed measures 0."""
+    model = reference_model(gguf_ckpt)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        probe = _Probe(model, ids)
+        probe.reference()
+        assert probe.kl(0) == pytest.approx(0.0, abs=1e-7)
+        w = model.model.layers[1].mlp.down_proj.weight
+        w.mul_(-3.0)
+        from_layer, whole = probe.kl(1), probe.kl(0)
+    assert from_layer > 1e-5 and from_layer == pytest.approx(whole, rel=1e-4)
+
+
+def test_float_checkpoint_wide_form_is_8bit(tmp_path):
+    ckpt = random_checkpoint("tiny")
+    out = tmp_path / "out"
+    report = export_onnx(ckpt, make_plan("onnx", ckpt, dtype="int4", quantizer="mixed", max_kl=0.0, out=out,
+                                         verify=False))
+    froms = {(q["from"], q["bits"]) for n, q in report["quantized"].items() if "embed_tokens" not in n}
+    assert froms == {("rtn8", 8)}, froms
+    d = onnx_parity(out, dequantized_reference(ckpt, report, out), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+    assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+
+
+def test_plan_refusals():
+    ckpt = random_checkpoint("tiny")
+    assert make_plan("onnx", ckpt, dtype="int4", quantizer="mixed").recipe == "mixed"
+    for target, kw, msg in (("onnx", {"quantizer": "exact", "max_kl": 0.01}, "--max-kl applies"),
+                            ("onnx", {"quantizer": "mixed", "max_kl": -1.0}, "--max-kl -1.0"),
+                            ("onnx", {"quantizer": "mixed", "max_kl": float("nan")}, "--max-kl nan"),
+                            ("coreml", {"quantizer": "mixed"}, "--quantizer mixed applies to ONNX")):
+        with pytest.raises(Qwen2Error, match=msg):
+            make_plan(target, ckpt, dtype="int4", **kw)
