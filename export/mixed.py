@@ -54,7 +54,7 @@ class Group:
     layer: int  # the layer whose input the measurement starts from (num_layers: after the final norm)
     params: list[str]
     saved: int = 0  # bytes saved per token read when 4-bit
-    delta: float = 0.0  # measured increase in mean NLL (nats per token)
+    delta: float = 0.0  # measured KL from the wide model's next-token distributions (nats per token)
     chosen: bool = False
 
 
@@ -92,7 +92,8 @@ def _groups(model, names: set[str], source) -> list[Group]:
 
 
 class _Probe:
-    """The reference's forward from any layer's cached input to the mean NLL of the calibration tokens."""
+    """The reference's forward from any layer's cached input to the next-token distributions of the calibration
+    tokens, and their KL divergence from a reference set of them."""
 
     def __init__(self, model, ids: torch.Tensor):
         from qwen2_ref.model import _Context
