@@ -159,6 +159,12 @@ def _input_mean_squares(model, ids: list[int], names: set[str]) -> dict[str, tor
     return {n: v / count[0] for n, v in sums.items()}
 
 
+def _load(param: torch.Tensor, q, rows: int = 8192) -> None:
+    """param <- q's dequantized values, a slice of rows at a time (the LM head whole would be three fp32 copies)."""
+    for r in range(0, param.shape[0], rows):
+        param[r:r + rows].copy_(torch.from_numpy(q.rows(r, r + rows).dequantize()))
+
+
 def _nll(model, ids: list[int]) -> float:
     x = torch.tensor([ids])
     logits, _ = model(x)
@@ -219,7 +225,7 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
             if wide_spec(ckpt.source, p) is WIDE_FLOAT:
                 q = quantize_rtn(w, WIDE_FLOAT)
                 out[p] = Calibrated(q, output_error(w, q, ms[p]))
-                w.copy_(torch.from_numpy(q.dequantize()))  # sensitivities are measured against the wide form
+                _load(w, q)  # sensitivities are measured against the wide form
             if console.is_terminal:
                 console.print(f"  quantized {i + 1}/{len(cand)} weights ({time.perf_counter() - t0:.0f} s)", end="\r")
         probe = _Probe(model, torch.tensor([ids[:SENSITIVITY_TOKENS]]))
@@ -229,9 +235,9 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
             for g in gs:
                 for p in g.params:
                     if which == "low":
-                        params[p].copy_(torch.from_numpy(low[p].dequantize()))
+                        _load(params[p], low[p])
                     elif p in out:
-                        params[p].copy_(torch.from_numpy(out[p].quantized.dequantize()))
+                        _load(params[p], out[p].quantized)
                     else:  # a GGUF's exact blocks: what the reference was loaded with
                         params[p].copy_(ckpt.source.get(p).to(torch.float32))
 
