@@ -59,18 +59,31 @@ class Quantized:
             b = codes
         out = {"B": b.reshape(n, nb, spec.block * spec.bits // 8), "scales": self.scales.reshape(-1)}
         if spec.float_zp:
-            out["zero_points"] = self.zero_points.astype(np.float32).reshape(-1)
-            # the same blocks as symmetric 4-bit (zero point 2^(bits-1)) plus a per-block offset: (q − zp)·s =
-            # (q − 8)·s + (8 − zp)·s, so x·wᵀ = MatMulNBits(x, no zero points) + blocksum(x) @ offsets
-            half = float(1 << (spec.bits - 1))
-            out["offsets"] = (self.scales * (half - self.zero_points.astype(np.float32))).astype(np.float32)
+            zf = self.zero_points.astype(np.float32)
+            out["zero_points"] = zf.reshape(-1)
+            # the same codes with the nearest integer zero point z plus a per-block offset: (q − zf)·s =
+            # (q − z)·s + (z − zf)·s, so x·wᵀ = MatMulNBits(x, zero points z) + blocksum(x) @ offsets. With z the
+            # nearest integer the MatMulNBits part is the weight itself up to half a step per block, so the int8
+            # activations of ORT's fast kernel (accuracy level 4) err relative to w, not to a larger (q − 8)·s
+            z = np.clip(np.round(zf), 0, (1 << spec.bits) - 1)
+            out["zero_points_int"] = _pack_zero_points(z.astype(np.uint8), spec.bits)
+            out["offsets"] = (self.scales * (z - zf)).astype(np.float32)
         elif spec.bits == 8:
             out["zero_points"] = self.zero_points.astype(np.uint8).reshape(-1)
         else:
-            zp = np.full((n, -(-nb // 2) * 2), 8, dtype=np.uint8)
-            zp[:, :nb] = self.zero_points
-            out["zero_points"] = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+            out["zero_points"] = _pack_zero_points(self.zero_points.astype(np.uint8), 4)
         return out
+
+
+def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
+    """(N, nb) uint8 zero points as MatMulNBits stores them: 8-bit ones as they are, 4-bit ones two to a byte (low
+    nibble first, each row padded to whole bytes with 8)."""
+    n, nb = zp.shape
+    if bits == 8:
+        return zp.reshape(-1)
+    full = np.full((n, -(-nb // 2) * 2), 8, dtype=np.uint8)
+    full[:, :nb] = zp
+    return (full[:, 0::2] | (full[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
 
 def _apply_blocks(x: np.ndarray, block: int, fn, scales: np.ndarray, zps: np.ndarray) -> np.ndarray:

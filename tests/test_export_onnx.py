@@ -164,22 +164,14 @@ def test_hf_checkpoint_export_matches_transformers_weights(make_hf_checkpoint, t
     assert np.abs(got - want).max() <= TINY["fp32"].max_abs_logits * max(1.0, float(np.abs(want).max()))
 
 
-def test_float_zero_points_as_symmetric_blocks_plus_offsets():
-    """Q4_K-style blocks (float zero points) as the exporter lowers them: MatMulNBits with no zero points (ORT's
-    fast symmetric kernel, zero point 8) + blocksum(x) @ offsets, equal to x @ dequant(W)ᵀ."""
+def _offsets_graph(packed: dict, zero_points: np.ndarray | None, accuracy_level: int):
+    """MatMulNBits(x, B, scales[, zero points]) + blocksum(x) @ offsets, as the exporter lowers float zero points."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(40, 128, generator=g)
-    q = quantize_rtn(w, QuantSpec(4, 32))
-    q.zero_points = q.zero_points.astype(np.float32) + np.linspace(-3.3, 2.7, q.zero_points.size, dtype=np.float32
-                                                                   ).reshape(q.zero_points.shape)
-    q.spec = QuantSpec(4, 32, True)
-    packed = q.pack()
-    assert packed["offsets"].shape == (40, 4)
-    nodes = [helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y0"], domain="com.microsoft", K=128, N=40,
-                              bits=4, block_size=32, accuracy_level=0),
+    ins = ["x", "B", "scales"] + (["zp"] if zero_points is not None else [])
+    nodes = [helper.make_node("MatMulNBits", ins, ["y0"], domain="com.microsoft", K=128, N=40, bits=4, block_size=32,
+                              accuracy_level=accuracy_level),
              helper.make_node("Reshape", ["x", "shape"], ["xb"]),
              helper.make_node("ReduceSum", ["xb", "axes"], ["xs"], keepdims=0),
              helper.make_node("MatMul", ["xs", "offsets"], ["y1"]),
@@ -188,14 +180,48 @@ def test_float_zero_points_as_symmetric_blocks_plus_offsets():
              numpy_helper.from_array(np.ascontiguousarray(packed["offsets"].T), "offsets"),
              numpy_helper.from_array(np.array([0, 0, 4, 32], dtype=np.int64), "shape"),
              numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")]
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points, "zp"))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 128])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = torch.randn(2, 3, 128, generator=g).numpy()
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+
+
+def test_float_zero_points_as_integer_zero_points_plus_offsets():
+    """Q4_K-style blocks (w = s·(q − zf), zf a float) as the exporter lowers them: MatMulNBits with the nearest
+    integer zero points + blocksum(x) @ offsets s·(z − zf), equal to x @ dequant(W)ᵀ in fp32 (accuracy level 0).
+    With int8 activations (level 4, what exports use) its error stays that of a plain 4-bit weight, also for the
+    blocks whose GGUF scale is 0 (a constant block, carried as scale 1, codes 0, zero point = the constant: the real
+    0.5B has 7 in one layer). The first form of this lowering (zero point 8 for every block, offsets s·(8 − zf))
+    made those blocks' MatMulNBits weights −8 where the true ones are ~1e-3, so their int8 activation error came out
+    8000x larger: on inputs with outlier channels (as a down_proj sees) tens of percent of the output here, and +1.8%
+    perplexity on the real 0.5B."""
+    g = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(1)
+    w = torch.randn(40, 128, generator=g) * 0.01  # blocks with their own offsets: zero points spread around 8
+    w += (torch.randn(40, 4, 1, generator=g) * 0.006).expand(40, 4, 32).reshape(40, 128)
+    q = quantize_rtn(w, QuantSpec(4, 32))
+    q.zero_points = q.zero_points.astype(np.float32) + rng.uniform(-0.5, 0.5, q.zero_points.shape).astype(np.float32)
+    const = [(3, 1), (17, 2), (30, 0)]  # constant blocks, as `quant._float_zp` carries a zero-scale GGUF block
+    for r, b in const:
+        q.codes[r, 32 * b:32 * b + 32], q.scales[r, b], q.zero_points[r, b] = 0, 1.0, 0.002
+    q.spec = QuantSpec(4, 32, True)
+    packed = q.pack()
+    assert packed["offsets"].shape == (40, 4)
+    assert all(np.abs(packed["offsets"][r]).max() <= 0.5 * q.scales[r].max() + 1e-6 for r in range(40))
+    x = (rng.standard_normal((2, 8, 128)) * 0.05).astype(np.float32)
+    x[..., [17, 40, 90]] *= 300.0  # outlier channels
     want = x @ q.dequantize().T
-    got = sess.run(None, {"x": x})[0]
-    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+    exact = _offsets_graph(packed, packed["zero_points_int"], 0).run(None, {"x": x})[0]
+    assert np.abs(exact - want).max() <= 1e-5 * np.abs(want).max(), np.abs(exact - want).max()
+    rel = lambda got: float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()))  # noqa: E731
+    int8 = rel(_offsets_graph(packed, packed["zero_points_int"], 4).run(None, {"x": x})[0])
+    old = dict(packed, offsets=(q.scales * (8.0 - q.zero_points)).astype(np.float32))  # zero point 8
+    assert rel(_offsets_graph(old, None, 0).run(None, {"x": x})[0]) <= 1e-4  # also exact in fp32 (up to rounding)
+    int8_old = rel(_offsets_graph(old, None, 4).run(None, {"x": x})[0])
+    assert int8 < 0.03 and int8_old > 10 * int8, (int8, int8_old)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, 32), QuantSpec(8, 16), QuantSpec(4, 32, True)])

@@ -120,7 +120,8 @@ def read_dequantized(folder: Path, report: dict, cfg) -> dict[str, np.ndarray]:
                 continue
             base, (lo, hi) = name.replace(proj, "qkv_proj"), rows[proj]
         arr = {k: numpy_helper.to_array(inits[f"{base}.{k}"]) for k in (f"q{q['bits']}", "scales", "zero_points",
-                                                                         "offsets") if f"{base}.{k}" in inits}
+                                                                         "zero_points_int", "offsets")
+               if f"{base}.{k}" in inits}
         out[name] = _dequantize_nbits(arr, q["bits"], q["block"])[lo:hi]
     return out
 
@@ -137,15 +138,15 @@ def _dequantize_nbits(arr: dict[str, np.ndarray], bits: int, block: int) -> np.n
         codes = b.reshape(n, nb, block)
     scales = arr["scales"].reshape(n, nb)
     half = float(1 << (bits - 1))  # the zero point when none is stored
-    if "offsets" in arr:  # symmetric blocks + per-block offsets (float zero points)
-        w = (codes - half) * scales[..., None] + arr["offsets"].T[..., None]
+    # float zero points: integer zero points (or none: 2^(bits-1), exports before 2026-12-03) + per-block offsets
+    zp = arr.get("zero_points_int", arr.get("zero_points"))
+    if zp is None:
+        z = np.full((n, nb), half, dtype=np.float32)
+    elif bits == 4:
+        z = np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
     else:
-        zp = arr.get("zero_points")
-        if zp is None:
-            z = np.full((n, nb), half, dtype=np.float32)
-        elif bits == 4:
-            z = np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
-        else:
-            z = zp.reshape(n, nb).astype(np.float32)
-        w = (codes - z[..., None]) * scales[..., None]
+        z = zp.reshape(n, nb).astype(np.float32)
+    w = (codes - z[..., None]) * scales[..., None]
+    if "offsets" in arr:
+        w = w + arr["offsets"].T[..., None]
     return w.reshape(n, nb * block).astype(np.float32)

@@ -1,0 +1,137 @@
+"""How far prompt lookup could go on a given export: the verify-step cost per step width measured on the export
+itself, then, on `bench/speculative.py`'s code-edit prompts, the speed-up of our lookup policy and of an oracle
+that drafts, from the same 3-/4-gram matches, exactly the tokens that will be accepted (the best any lookup policy
+over those matches can do: no missed drafts, the best of all matching places). Both replay the target's own plain
+greedy output through the measured cost table, so they differ only in the policy. A benchmark: prints a table,
+asserts nothing.
+
+    python bench/lookup_bound.py --model exports/qwen2-0.5b-int4 [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runtime import Runner, SessionSettings  # noqa: E402
+from runtime.speculative import PromptLookup  # noqa: E402
+
+WIDTHS = (1, 2, 3, 4, 6, 8, 12, 17)
+
+
+def step_costs(r: Runner, reps: int = 7) -> dict[int, float]:
+    """Median seconds of one step over S tokens after a 200-token prompt, the cache rolled back each time."""
+    prompt = np.random.default_rng(0).integers(100, 20000, 200)[None]
+    r._ensure_cache(1, 256)
+    r.prefill(prompt, np.ones_like(prompt))
+    L = r.cache.length
+    out = {}
+    for S in WIDTHS:
+        ts = []
+        for rep in range(reps):
+            r.cache.lengths[:] = L
+            ids = np.random.default_rng(rep).integers(100, 20000, S)[None]
+            t = time.perf_counter()
+            r.step(ids, np.ones((1, L + S), dtype=np.int64), np.arange(L, L + S)[None], keep=S)
+            ts.append(time.perf_counter() - t)
+        out[S] = statistics.median(ts[1:])
+    return out
+
+
+def cost_of(costs: dict[int, float], S: int) -> float:
+    ks = sorted(costs)
+    if S in costs:
+        return costs[S]
+    hi = next((k for k in ks if k > S), None)
+    lo = max(k for k in ks if k < S)
+    if hi is None:  # past the table: the last slope
+        a, b = ks[-2], ks[-1]
+        return costs[b] + (costs[b] - costs[a]) / (b - a) * (S - b)
+    return costs[lo] + (costs[hi] - costs[lo]) * (S - lo) / (hi - lo)
+
+
+def replay(prompt: list[int], truth: list[int], draft, costs) -> float:
+    """Seconds to produce truth[1:] (truth[0] comes from the prefill) with `draft(seq, left) -> tokens` drafts."""
+    seq, i, s = list(prompt) + [truth[0]], 1, 0.0
+    while i < len(truth):
+        d = draft(seq, truth, i)
+        a = 0
+        while a < len(d) and i + a < len(truth) and d[a] == truth[i + a]:
+            a += 1
+        s += cost_of(costs, 1 + len(d))
+        n = min(a + 1, len(truth) - i)
+        seq += truth[i:i + n]
+        i += n
+    return s
+
+
+def ours(k: int):
+    p = PromptLookup(k)
+
+    def draft(seq, truth, i):
+        d = p.propose(seq, len(truth) - i, None, None).tokens
+        a = 0
+        while a < len(d) and i + a < len(truth) and d[a] == truth[i + a]:
+            a += 1
+        p.accepted(len(seq), len(d), a)
+        return d
+    return draft
+
+
+def oracle(k: int, ngrams=(3, 4)):
+    def draft(seq, truth, i):
+        a, best = np.asarray(seq), 0
+        for g in ngrams:
+            if len(a) <= g:
+                continue
+            win = np.lib.stride_tricks.sliding_window_view(a[:len(a) - 1], g)
+            for h in np.flatnonzero((win == a[len(a) - g:]).all(axis=1)):
+                j, n = h + g, 0
+                while n < k and j + n < len(a) and i + n < len(truth) and a[j + n] == truth[i + n]:
+                    n += 1
+                best = max(best, n)
+        return truth[i:i + best]
+    return draft
+
+
+@click.command()
+@click.option("--model", "folder", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--tokens", default=128, show_default=True)
+@click.option("--lookup", default=16, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+def main(folder, tokens, lookup, threads):
+    from peers import cpu_model
+    from speculative import prompts
+
+    load0 = os.getloadavg()[0]
+    r = Runner(folder, SessionSettings(threads=threads))
+    if r.folder.tokenizer is None:
+        raise click.ClickException("the prompts are text: --model needs an export with a tokenizer")
+    costs = step_costs(r)
+    rows = []
+    for text in prompts()["code edit"]:
+        ids = r.encode_prompt(text, chat=True)
+        truth = [t for (t,) in r.generate([ids], r.default_config(max_new_tokens=tokens)) if t is not None]
+        plain = (len(truth) - 1) * costs[1]
+        rows.append((plain, replay(ids, truth, ours(lookup), costs), replay(ids, truth, oracle(lookup), costs)))
+    print(f"\n{cpu_model()}, {os.cpu_count()} cores, {threads} threads, load average {load0:.2f} at the start; "
+          f"{Path(folder).name}; step cost over S tokens (ms, median): "
+          + ", ".join(f"S={s} {c * 1e3:.1f}" for s, c in costs.items()) + "\n")
+    print("| prompt | our lookup | oracle lookup |\n|---|---|---|")
+    for n, (p, a, b) in enumerate(rows, 1):
+        print(f"| code edit {n} | {p / a:.2f}x | {p / b:.2f}x |")
+    P, A, B = (sum(x[i] for x in rows) for i in range(3))
+    print(f"| all ({len(rows)}) | **{P / A:.2f}x** | **{P / B:.2f}x** |")
+
+
+if __name__ == "__main__":
+    main()
