@@ -54,7 +54,7 @@ class Group:
     layer: int  # the layer whose input the measurement starts from (num_layers: after the final norm)
     params: list[str]
     saved: int = 0  # bytes saved per token read when 4-bit
-    delta: float = 0.0  # measured KL from the wide model's next-token distributions (nats per token)
+    kl: float = 0.0  # measured KL from the wide model's next-token distributions (nats per token)
     chosen: bool = False
 
 
@@ -244,7 +244,7 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
         t1 = time.perf_counter()
         for j, g in enumerate(groups):
             apply([g], "low")
-            g.delta = probe.kl(g.layer)
+            g.kl = probe.kl(g.layer)
             apply([g], "wide")
             if console.is_terminal:
                 el = time.perf_counter() - t1
@@ -252,10 +252,10 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
                               f"{el / (j + 1) * (len(groups) - j - 1):.0f} s)", end="\r")
         allowed = MIXED_BUDGET if max_kl is None else max_kl
         chosen, total = [], 0.0
-        for g in sorted(groups, key=lambda g: g.delta / max(g.saved, 1)):
-            if total + max(g.delta, 0.0) <= allowed:
+        for g in sorted(groups, key=lambda g: g.kl / max(g.saved, 1)):
+            if total + g.kl <= allowed:
                 chosen.append(g)
-                total += max(g.delta, 0.0)
+                total += g.kl
         apply(chosen, "low")
         combined = probe.kl(0)
         while chosen and combined > allowed:  # interactions: drop the costliest-per-byte groups until it fits
@@ -283,7 +283,7 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
             "sensitivity_tokens": SENSITIVITY_TOKENS, "max_kl": allowed,
             "kl": round(combined, 6),
             "saved_mib": round(saved / 2**20, 1),
-            "groups": {g.name: {"weights": len(g.params), "kl": round(g.delta, 6),
+            "groups": {g.name: {"weights": len(g.params), "kl": round(g.kl, 6),
                                 "saved_mib": round(g.saved / 2**20, 2), "choice": "4-bit" if g.chosen else "wide"}
                        for g in groups},
             "held_aside_perplexity_increase": None if checked is None else round(checked, 6),

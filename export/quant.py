@@ -68,10 +68,8 @@ class Quantized:
             z = np.clip(np.round(zf), 0, (1 << spec.bits) - 1)
             out["zero_points_int"] = _pack_zero_points(z.astype(np.uint8), spec.bits)
             out["offsets"] = (self.scales * (z - zf)).astype(np.float32)
-        elif spec.bits == 8:
-            out["zero_points"] = self.zero_points.astype(np.uint8).reshape(-1)
         else:
-            out["zero_points"] = _pack_zero_points(self.zero_points.astype(np.uint8), 4)
+            out["zero_points"] = _pack_zero_points(self.zero_points.astype(np.uint8), spec.bits)
         return out
 
 

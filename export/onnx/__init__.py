@@ -25,7 +25,7 @@ from ..calibrate import MAX_REFERENCE_BYTES, calibrated_weights
 from ..mixed import mixed_weights
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
-from ..plan import ExportPlan, make_plan
+from ..plan import CALIBRATED_RECIPES, ExportPlan, make_plan
 from ..precision import quantizable
 from ..quant import QuantSpec
 from ..sizing import weight_bytes
@@ -149,7 +149,7 @@ def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers:
                 ) -> tuple[dict, dict | None]:
     """The calibrated recipe's GPTQ results for the traced graph's linear weights ({} for other recipes). The
     size limit is the whole model's, so a big model's gate (its first layers) is quantized as the export is."""
-    if plan.recipe not in ("calibrated", "mixed"):
+    if plan.recipe not in CALIBRATED_RECIPES:
         return {}, None
     names = {n for n, v in model.graph.initializers.items() if quantizable(n, v.shape) and "embed_tokens" not in n}
     if plan.recipe == "mixed":
