@@ -52,6 +52,18 @@ def calibration_ids(tokenizer, path: str | Path | None = None, tokens: int = CAL
     return ids[:tokens]
 
 
+def calibration_tokens(tokenizer, text: str | Path | None, vocab_size: int) -> tuple[list[int], str]:
+    """The token ids a calibrating recipe runs the model on, and how the report names them: the calibration text's
+    (`calibration_ids`), or for a checkpoint without a tokenizer (random test models) seeded pseudo-random ids."""
+    if tokenizer is not None:
+        return calibration_ids(tokenizer, text), str(text) if text is not None else "export/data/calibration.txt"
+    if text is not None:
+        raise CalibrationError(f"--calibration {text}: the checkpoint has no tokenizer to encode it with")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
+    return ids, "pseudo-random token ids (the checkpoint has no tokenizer)"
+
+
 @dataclass
 class Calibrated:
     """A weight quantized against its inputs, and how much output error it leaves."""
@@ -132,24 +144,16 @@ def gptq_group(spec: QuantSpec, act_order: bool = False) -> "GroupQuantizer":
 GPTQ4 = QuantSpec(bits=4, block=32, source="gptq")
 
 
-def calibrate_checkpoint(load_model: Callable[[], torch.nn.Module], tokenizer, names: set[str],
+def calibrate_checkpoint(load_model: Callable[[], torch.nn.Module], tokenizer, names: set[str], vocab_size: int,
                          text: str | Path | None = None, spec: QuantSpec = GPTQ4) -> tuple[dict[str, Calibrated], dict]:
     """GPTQ for every linear weight in `names`, against the fp32 reference's own inputs on the calibration text.
     `load_model()` gives the reference; it is freed before return. Returns the results and what the report says
     about the calibration."""
     from qwen2_ref.memory import release_freed_memory
 
-    if tokenizer is not None:
-        ids = calibration_ids(tokenizer, text)
-        what = str(text) if text is not None else "export/data/calibration.txt"
-    elif text is not None:
-        raise CalibrationError(f"--calibration {text}: the checkpoint has no tokenizer to encode it with")
+    ids, what = calibration_tokens(tokenizer, text, vocab_size)
     t0 = time.perf_counter()
     model = load_model()
-    if tokenizer is None:  # a checkpoint without a tokenizer (random test models): seeded pseudo-random token ids
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
-        what = "pseudo-random token ids (the checkpoint has no tokenizer)"
     try:
         results = calibrate(model, ids, gptq_group(spec), names)
     finally:
@@ -196,7 +200,7 @@ def calibrated_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.
                " this size is quantized without it (a GGUF's exact blocks, else round-to-nearest)")
         return {}, {"method": "none: the fp32 reference is too large to calibrate on (GGUF blocks kept exactly "
                               "where possible, else round-to-nearest)"}
-    results, info = calibrate_checkpoint(load_model, ckpt.tokenizer(), names, text)
+    results, info = calibrate_checkpoint(load_model, ckpt.tokenizer(), names, cfg.vocab_size, text)
     exact = keep_exact(results, ckpt.source)
     info["kept_exact"] = {n: ckpt.source.tensor_type(n) for n in sorted(exact)}
     info["gptq_output_error"] = {n: round(c.error, 6) for n, c in sorted(results.items())}

@@ -34,8 +34,7 @@ import torch
 
 from qwen2_ref.progress import console, status
 
-from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, SEQUENCE, Calibrated, CalibrationError,
-                        calibration_ids)
+from .calibrate import MAX_REFERENCE_BYTES, SEQUENCE, Calibrated, calibration_tokens
 from .quant import GGUF_EXACT, QuantSpec, output_error, quantize_rtn, quantize_weighted
 
 # How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
@@ -195,18 +194,9 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
                "this size is written as --quantizer exact (a GGUF's blocks, else round-to-nearest)")
         return {}, {"method": "none: the fp32 reference is too large to measure on (written as --quantizer exact)"}
     t0 = time.perf_counter()
-    tokenizer = ckpt.tokenizer()
+    ids, what = calibration_tokens(ckpt.tokenizer(), text, cfg.vocab_size)
     model = load_model()
     try:
-        if tokenizer is not None:
-            ids = calibration_ids(tokenizer, text)
-            what = str(text) if text is not None else "export/data/calibration.txt"
-        elif text is not None:
-            raise CalibrationError(f"--calibration {text}: the checkpoint has no tokenizer to encode it with")
-        else:
-            g = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, model.config.vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
-            what = "pseudo-random token ids (the checkpoint has no tokenizer)"
         params = dict(model.named_parameters())
         params.setdefault("lm_head.weight", model.lm_head.weight)
         groups = _groups(model, names, ckpt.source)
