@@ -1,7 +1,8 @@
 """How far prompt lookup could go on a given export: the verify-step cost per step width measured on the export
 itself, then, on `bench/speculative.py`'s code-edit prompts, the speed-up of our lookup policy and of an oracle
 that drafts, from the same 3-/4-gram matches, exactly the tokens that will be accepted (the best any lookup policy
-over those matches can do: no missed drafts, the best of all matching places). Both replay the target's own plain
+over those matches can do: no missed drafts, the best of all matching places), and the two halves of that
+oracle apart (our match, drafted when and as far as it will be accepted; the best match at our length). All replay the target's own plain
 greedy output through the measured cost table, so they differ only in the policy. A benchmark: prints a table,
 asserts nothing.
 
@@ -87,6 +88,42 @@ def ours(k: int):
     return draft
 
 
+def _accepted(d, truth, i) -> int:
+    a = 0
+    while a < len(d) and i + a < len(truth) and d[a] == truth[i + a]:
+        a += 1
+    return a
+
+
+def oracle_length(k: int):
+    """Our policy's match (the latest place of the longest n-gram), drafted exactly as far as it will be accepted
+    and not at all when nothing would be: what a perfect choice of when and how much to draft alone would gain."""
+    def draft(seq, truth, i):
+        d = PromptLookup(k).propose(seq, len(truth) - i, None, None).tokens
+        return d[:_accepted(d, truth, i)]
+    return draft
+
+
+def oracle_match(k: int, ngrams=(3, 4)):
+    """Our policy's draft length, taken from the best of all matching places: what a perfect choice of match
+    alone would gain (verifying several matches at once, a tree, could at best reach this)."""
+    p = PromptLookup(k)
+
+    def draft(seq, truth, i):
+        d = p.propose(seq, len(truth) - i, None, None).tokens
+        p.accepted(len(seq), len(d), _accepted(d, truth, i))
+        if not d:
+            return d
+        a, cands = np.asarray(seq), []
+        for g in ngrams:
+            if len(a) > g:
+                win = np.lib.stride_tricks.sliding_window_view(a[:len(a) - 1], g)
+                cands += [a[h + g:h + g + len(d)].tolist()
+                          for h in np.flatnonzero((win == a[len(a) - g:]).all(axis=1))]
+        return max(cands, key=lambda c: _accepted(c, truth, i))
+    return draft
+
+
 def oracle(k: int, ngrams=(3, 4)):
     def draft(seq, truth, i):
         a, best = np.asarray(seq), 0
@@ -122,15 +159,17 @@ def main(folder, tokens, lookup, threads):
         ids = r.encode_prompt(text, chat=True)
         truth = [t for (t,) in r.generate([ids], r.default_config(max_new_tokens=tokens)) if t is not None]
         plain = (len(truth) - 1) * costs[1]
-        rows.append((plain, replay(ids, truth, ours(lookup), costs), replay(ids, truth, oracle(lookup), costs)))
+        rows.append((plain, *(replay(ids, truth, f(lookup), costs)
+                              for f in (ours, oracle_length, oracle_match, oracle))))
     print(f"\n{cpu_model()}, {os.cpu_count()} cores, {threads} threads, load average {load0:.2f} at the start; "
           f"{Path(folder).name}; step cost over S tokens (ms, median): "
           + ", ".join(f"S={s} {c * 1e3:.1f}" for s, c in costs.items()) + "\n")
-    print("| prompt | our lookup | oracle lookup |\n|---|---|---|")
-    for n, (p, a, b) in enumerate(rows, 1):
-        print(f"| code edit {n} | {p / a:.2f}x | {p / b:.2f}x |")
-    P, A, B = (sum(x[i] for x in rows) for i in range(3))
-    print(f"| all ({len(rows)}) | **{P / A:.2f}x** | **{P / B:.2f}x** |")
+    print("| prompt | our lookup | our match, exact length | best match, our length | oracle lookup |\n"
+          "|---|---|---|---|---|")
+    for n, (p, *t) in enumerate(rows, 1):
+        print(f"| code edit {n} | " + " | ".join(f"{p / x:.2f}x" for x in t) + " |")
+    P, *T = (sum(x[i] for x in rows) for i in range(5))
+    print(f"| all ({len(rows)}) | " + " | ".join(f"**{P / x:.2f}x**" for x in T) + " |")
 
 
 if __name__ == "__main__":
