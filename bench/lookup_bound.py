@@ -2,9 +2,9 @@
 itself, then, on `bench/speculative.py`'s code-edit prompts, the speed-up of our lookup policy and of an oracle
 that drafts, from the same 3-/4-gram matches, exactly the tokens that will be accepted (the best any lookup policy
 over those matches can do: no missed drafts, the best of all matching places), and the two halves of that
-oracle apart (our match, drafted when and as far as it will be accepted; the best match at our length). All replay the target's own plain
-greedy output through the measured cost table, so they differ only in the policy. A benchmark: prints a table,
-asserts nothing.
+oracle apart (our match, drafted when and as far as it will be accepted; the best match at our length).
+All replay the target's own plain greedy output through the measured cost table, so they differ only in the
+policy. A benchmark: prints a table, asserts nothing.
 
     python bench/lookup_bound.py --model exports/qwen2-0.5b-int4 [--tokens 128]
 """
@@ -60,14 +60,20 @@ def cost_of(costs: dict[int, float], S: int) -> float:
     return costs[lo] + (costs[hi] - costs[lo]) * (S - lo) / (hi - lo)
 
 
+def _accepted(d, truth, i) -> int:
+    """How many of the draft d's first tokens equal truth[i:]."""
+    a = 0
+    while a < len(d) and i + a < len(truth) and d[a] == truth[i + a]:
+        a += 1
+    return a
+
+
 def replay(prompt: list[int], truth: list[int], draft, costs) -> float:
     """Seconds to produce truth[1:] (truth[0] comes from the prefill) with `draft(seq, left) -> tokens` drafts."""
     seq, i, s = list(prompt) + [truth[0]], 1, 0.0
     while i < len(truth):
         d = draft(seq, truth, i)
-        a = 0
-        while a < len(d) and i + a < len(truth) and d[a] == truth[i + a]:
-            a += 1
+        a = _accepted(d, truth, i)
         s += cost_of(costs, 1 + len(d))
         n = min(a + 1, len(truth) - i)
         seq += truth[i:i + n]
@@ -80,19 +86,9 @@ def ours(k: int):
 
     def draft(seq, truth, i):
         d = p.propose(seq, len(truth) - i, None, None).tokens
-        a = 0
-        while a < len(d) and i + a < len(truth) and d[a] == truth[i + a]:
-            a += 1
-        p.accepted(len(seq), len(d), a)
+        p.accepted(len(seq), len(d), _accepted(d, truth, i))
         return d
     return draft
-
-
-def _accepted(d, truth, i) -> int:
-    a = 0
-    while a < len(d) and i + a < len(truth) and d[a] == truth[i + a]:
-        a += 1
-    return a
 
 
 def oracle_length(k: int):

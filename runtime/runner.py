@@ -129,7 +129,8 @@ class Runner:
     # ---- one forward step ------------------------------------------------------------------------------------------
     def _logits_out(self, batch: int, rows: int):
         """A logits OrtValue (B, rows, V): one per batch size for the one-row shapes (decode reuses its buffer
-        throughout), a fresh one otherwise (so that prompts of every length do not each keep a buffer)."""
+        throughout); on the CPU, views of one kept buffer for a sequence's multi-row (verify) steps; a fresh one
+        otherwise (so that prompts of every length do not each keep a buffer)."""
         key = (batch, rows)
         if key in self._logits:
             return self._logits[key]
