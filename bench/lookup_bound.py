@@ -100,7 +100,17 @@ def oracle_length(k: int):
     return draft
 
 
-def oracle_match(k: int, ngrams=(3, 4)):
+def _continuations(seq, n: int, ngrams=(3, 4)) -> list[list[int]]:
+    """The up to n tokens that follow every earlier place where seq's last g tokens occur, g in ngrams."""
+    a, out = np.asarray(seq), []
+    for g in ngrams:
+        if len(a) > g:
+            win = np.lib.stride_tricks.sliding_window_view(a[:len(a) - 1], g)
+            out += [a[h + g:h + g + n].tolist() for h in np.flatnonzero((win == a[len(a) - g:]).all(axis=1))]
+    return out
+
+
+def oracle_match(k: int):
     """Our policy's draft length, taken from the best of all matching places: what a perfect choice of match
     alone would gain (verifying several matches at once, a tree, could at best reach this)."""
     p = PromptLookup(k)
@@ -108,30 +118,13 @@ def oracle_match(k: int, ngrams=(3, 4)):
     def draft(seq, truth, i):
         d = p.propose(seq, len(truth) - i, None, None).tokens
         p.accepted(len(seq), len(d), _accepted(d, truth, i))
-        if not d:
-            return d
-        a, cands = np.asarray(seq), []
-        for g in ngrams:
-            if len(a) > g:
-                win = np.lib.stride_tricks.sliding_window_view(a[:len(a) - 1], g)
-                cands += [a[h + g:h + g + len(d)].tolist()
-                          for h in np.flatnonzero((win == a[len(a) - g:]).all(axis=1))]
-        return max(cands, key=lambda c: _accepted(c, truth, i))
+        return max(_continuations(seq, len(d)), key=lambda c: _accepted(c, truth, i)) if d else d
     return draft
 
 
-def oracle(k: int, ngrams=(3, 4)):
+def oracle(k: int):
     def draft(seq, truth, i):
-        a, best = np.asarray(seq), 0
-        for g in ngrams:
-            if len(a) <= g:
-                continue
-            win = np.lib.stride_tricks.sliding_window_view(a[:len(a) - 1], g)
-            for h in np.flatnonzero((win == a[len(a) - g:]).all(axis=1)):
-                j, n = h + g, 0
-                while n < k and j + n < len(a) and i + n < len(truth) and a[j + n] == truth[i + n]:
-                    n += 1
-                best = max(best, n)
+        best = max((_accepted(c, truth, i) for c in _continuations(seq, k)), default=0)
         return truth[i:i + best]
     return draft
 
