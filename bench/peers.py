@@ -10,8 +10,9 @@ per round, `--runs` rounds, and the table shows medians (peak RSS: the largest).
 meet the same conditions, and the load average during the runs is printed with the table.
 prefill tok/s = 512-token prompt to the first new token (TTFT), decode tok/s = the 127 tokens after the first of a
 128-token greedy run from a 16-token prompt. Token ids are fixed pseudo-random ids (runtime.bench.bench_prompt),
-the same for every peer. Memory read bandwidth is measured in the same run (numpy, 2 threads) and turned into the
-fp32 decode bound: bandwidth / bytes of weights read per token.
+the same for every peer. Memory read bandwidth is measured in the same run (numpy, 2 threads) before the first round
+and after every round, and turned into the fp32 decode bound: bandwidth / bytes of weights read per token; each fp32
+round is also set against the bound read beside it (the VM's reading drifts 15-20% between runs).
 
 Quality column: every peer's perplexity on the same held-out text, the first 1000 tokens of CPython 3.11's
 `Lib/heapq.py` (export/evaluate.py: fixed_text) as the model's tokenizer splits them. The ids are computed once here
@@ -431,7 +432,7 @@ def main(ctx, ours, gguf, genai_python, skip, runs, ppl, json_out):
                 err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else str(r.returncode)
                 print(f"{label}: failed ({err})", file=sys.stderr)
                 continue
-            results[label].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            results[label].append(json.loads(r.stdout.strip().splitlines()[-1]) | {"round": rnd})
             print(f"round {rnd + 1} {label}: {results[label][-1]} (load {loads[-1]:.1f})", file=sys.stderr)
         bws.append(bandwidth_gbs())
 
@@ -467,6 +468,11 @@ def main(ctx, ours, gguf, genai_python, skip, runs, ppl, json_out):
           f"{max(bws):.1f} GB/s (numpy, {THREADS} threads, readings {', '.join(f'{b:.1f}' for b in bws)}); fp32 "
           f"weights read per token {read / 1e6:.0f} MB -> fp32 decode bound {bound:.1f} tok/s; 1-min load average "
           f"during the runs {load_txt}")
+    for label, got in results.items():  # each round against the bandwidth read just before and after it
+        if "fp32" in label and got:
+            shares = [g["decode_tok_s"] / (max(bws[g["round"]], bws[g["round"] + 1]) * 1e9 / read) for g in got]
+            print(f"{label}: decode against its own round's bound (the better reading beside it): "
+                  f"{', '.join(f'{x:.0%}' for x in shares)} (median {statistics.median(shares):.0%})")
     if ppl:
         ref = f"{fp32_ppl:.4f} (PyTorch eager)" if fp32_ppl is not None else "unavailable"
         print(f"perplexity: first {len(ids)} tokens of CPython's Lib/heapq.py, the same ids for every peer; "

@@ -87,7 +87,7 @@ def cli() -> None:
 @quantizer_options
 @click.option("--max-kl", type=float, default=None,
               help="--quantizer mixed: how far the 4-bit choice may move the model's next-token distributions, "
-                   "mean KL divergence in nats per token on the calibration text (default 0.005; 0: nothing "
+                   "mean KL divergence in nats per token on the calibration text (default 0.01; 0: nothing "
                    "4-bit that costs anything; larger: smaller and faster, less exact).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity gate (the report says so).")

@@ -52,15 +52,17 @@ def calibration_ids(tokenizer, path: str | Path | None = None, tokens: int = CAL
     return ids[:tokens]
 
 
-def calibration_tokens(tokenizer, text: str | Path | None, vocab_size: int) -> tuple[list[int], str]:
-    """The token ids a calibrating recipe runs the model on, and how the report names them: the calibration text's
-    (`calibration_ids`), or for a checkpoint without a tokenizer (random test models) seeded pseudo-random ids."""
+def calibration_tokens(tokenizer, text: str | Path | None, vocab_size: int,
+                       tokens: int = CALIBRATION_TOKENS) -> tuple[list[int], str]:
+    """Up to `tokens` token ids a calibrating recipe runs the model on, and how the report names them: the
+    calibration text's (`calibration_ids`), or for a checkpoint without a tokenizer (random test models) seeded
+    pseudo-random ids."""
     if tokenizer is not None:
-        return calibration_ids(tokenizer, text), str(text) if text is not None else "export/data/calibration.txt"
+        return calibration_ids(tokenizer, text, tokens), str(text) if text is not None else "export/data/calibration.txt"
     if text is not None:
         raise CalibrationError(f"--calibration {text}: the checkpoint has no tokenizer to encode it with")
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (CALIBRATION_TOKENS,), generator=g).tolist()
+    ids = torch.randint(0, vocab_size, (tokens,), generator=g).tolist()
     return ids, "pseudo-random token ids (the checkpoint has no tokenizer)"
 
 

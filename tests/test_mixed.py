@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.mixed import _Probe
+from export.calibrate import MIN_TOKENS
+from export.mixed import _groups, _Probe, _split
 from export.onnx import dequantized_reference, export_onnx, reference_model
 from export.plan import make_plan
 from export.tolerances import TINY_INT4_DEQUANTIZED
@@ -111,6 +112,39 @@ def test_sensitivity_from_a_layer_equals_a_whole_forward(gguf_ckpt):
         w.mul_(-3.0)
         from_layer, whole = probe.kl(1), probe.kl(0)
     assert from_layer > 1e-5 and from_layer == pytest.approx(whole, rel=1e-4)
+
+
+def test_a_tied_head_is_measured_from_the_embedding():
+    """A tied table is also the export's embedding: the head's group is measured by a forward from the embedding
+    (a change to the table shows in the embedding too), which equals an uncached forward of the whole model."""
+    ckpt = random_checkpoint("tiny")
+    model = reference_model(ckpt)
+    assert model.config.tie_word_embeddings
+    head = [g for g in _groups(model, {"lm_head.weight"}, ckpt.source) if g.name == "head"]
+    assert [g.layer for g in head] == [-1]
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        probe = _Probe(model, ids)
+        probe.reference()
+        w = model.lm_head.weight
+        w.add_(0.5 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(3)))
+        logits, _ = model(ids)
+        ref = probe.ref
+        whole = float((ref.exp() * (ref - torch.log_softmax(logits[0].float(), -1))).sum(-1).mean())
+        from_embedding, from_head = probe.kl(-1), probe.kl(model.config.num_hidden_layers)
+    assert whole > 1e-4 and from_embedding == pytest.approx(whole, rel=1e-4)
+    assert abs(from_head - whole) > 1e-3 * whole  # the cached path would miss the embedding's change
+
+
+def test_kl_is_measured_on_tokens_gptq_did_not_fit():
+    """GPTQ fits on the first calibration tokens, the groups' KL is measured on the next ones and the choice checked
+    on the ones after; a text too short for that measures on the last fitted tokens (and the report says so)."""
+    ids = list(range(2000))
+    assert _split(ids) == (ids[:1024], ids[1024:1280], ids[1280:1792])
+    fit, sens, aside = _split(ids[:600])
+    assert (len(fit), sens, aside) == (344, ids[344:600], [])
+    fit, sens, aside = _split(ids[:400])
+    assert (len(fit), sens, aside) == (MIN_TOKENS, ids[:MIN_TOKENS], [])
 
 
 def test_float_checkpoint_wide_form_is_8bit(tmp_path):
