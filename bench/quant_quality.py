@@ -8,7 +8,7 @@ Held out: calibration uses export/data/calibration.txt (CPython's textwrap.py + 
 measured on the first 1000 tokens of CPython 3.11's heapq.py (export/evaluate.py), chosen before any tuning.
 Recipes: rtn = round-to-nearest with a per-block clipping search (the old --requantize); weighted = the same
 search weighting each column's error by its calibration inputs' mean square; gptq = GPTQ, gptqa = GPTQ with act-order
-(static blocks); the number is the block.
+(static blocks), gptqm = GPTQ with each block's range its min and max (no clipping search); the number is the block.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def recipe_fn(recipe: str):
     method, block = recipe.rstrip("0123456789"), int(recipe[len(recipe.rstrip("0123456789")):])
     spec = quant.QuantSpec(4, block)
 
-    if method in ("gptq", "gptqa"):
-        run = gptq_group(spec, act_order=method == "gptqa")
+    if method in ("gptq", "gptqa", "gptqm"):
+        run = gptq_group(spec, act_order=method == "gptqa", **({"shrinks": (1.0,)} if method == "gptqm" else {}))
         return lambda members, h: {n: c.quantized for n, c in run(members, h).items()}
     one = {"rtn": lambda w, h: quant.quantize_rtn(w, spec),
            "weighted": lambda w, h: quant.quantize_weighted(w, spec, torch.diagonal(h))}[method]

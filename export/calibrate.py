@@ -129,11 +129,12 @@ def calibrate(model, ids: list[int], quantize: "GroupQuantizer", names: set[str]
     return results
 
 
-def gptq_group(spec: QuantSpec, act_order: bool = False) -> "GroupQuantizer":
+def gptq_group(spec: QuantSpec, act_order: bool = False, **kw) -> "GroupQuantizer":
     """GPTQ over a group's weights stacked along the output dimension (rows are independent, so one sweep serves
     q, k and v at the cost of one), split back per weight."""
     def run(members: list[tuple[str, torch.Tensor]], h: torch.Tensor) -> dict[str, Calibrated]:
-        q = quantize_gptq(torch.cat([w for _, w in members]), spec, h, act_order)
+        ws = [w for _, w in members]
+        q = quantize_gptq(ws[0] if len(ws) == 1 else torch.cat(ws), spec, h, act_order, **kw)  # the head: no copy
         out, r = {}, 0
         for name, w in members:
             part = q.rows(r, r + w.shape[0])

@@ -125,14 +125,15 @@ def _rtn_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 # ---- calibrated: weighted by what the layer's inputs look like -------------------------------------------------
-def _fit_blocks(x: torch.Tensor, qmax: int, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_blocks(x: torch.Tensor, qmax: int, h: torch.Tensor | None,
+                shrinks: tuple[float, ...] = _SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of `x` (rows, nb, b): the (scale, zero point) of the clipping in _SHRINK with the least error,
     squared error weighted per column by `h` (nb, b) (the input's mean square: an error on a column the layer
     sees large inputs on costs more). h None: unweighted."""
     lo = x.amin(-1).clamp(max=0.0)
     hi = x.amax(-1).clamp(min=0.0)
     best_err = best_s = best_z = None
-    for f in _SHRINK:
+    for f in shrinks:
         s = ((hi - lo) * (f / qmax)).clamp_(min=1e-12)
         z = torch.round(-lo * f / s).clamp_(0, qmax)
         q = (torch.round(x / s[..., None] + z[..., None]).clamp_(0, qmax) - z[..., None]) * s[..., None] - x
@@ -172,7 +173,8 @@ GPTQ_DAMP = 0.01  # fraction of the mean diagonal added to the Hessian (GPTQ's d
 GPTQ_PANEL = 128  # columns updated together (a multiple of every block size used here)
 
 
-def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_order: bool = False) -> Quantized:
+def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_order: bool = False,
+                  shrinks: tuple[float, ...] = _SHRINK) -> Quantized:
     """GPTQ (Frantar et al. 2022): columns quantized one at a time, each one's rounding error pushed onto the
     columns not yet quantized through the inverse of H = E[x xᵀ] (`hessian`, (K, K), from calibration inputs),
     so that the rounding minimizes the layer's output error, not the weight error.
@@ -193,48 +195,57 @@ def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_o
     w[:, dead] = 0.0
     hdiag = torch.diagonal(H).clone()
     nb = k // b
-    scales, zeros = torch.empty(n, nb), torch.empty(n, nb)
+    sT, zT = torch.empty(nb, n), torch.empty(nb, n)  # per block, its scale and zero point for every row
     order = torch.arange(k)
     if act_order:
         for r in range(0, n, 4096):
-            s, z = _fit_blocks(w[r:r + 4096].reshape(-1, nb, b), qmax, hdiag.reshape(nb, b))
-            scales[r:r + 4096], zeros[r:r + 4096] = s, z
+            s, z = _fit_blocks(w[r:r + 4096].reshape(-1, nb, b), qmax, hdiag.reshape(nb, b), shrinks)
+            sT[:, r:r + 4096], zT[:, r:r + 4096] = s.T, z.T
         order = torch.argsort(hdiag, descending=True)
         w, H = w[:, order], H[order][:, order]
     H.diagonal().add_(GPTQ_DAMP * float(hdiag.mean()))
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     del H  # U: upper Cholesky factor of H⁻¹; row i is how column i's error spreads over the later columns
-    codes = torch.empty(n, k, dtype=torch.uint8)
-    blk = order // b  # the block of each swept column
+    codes = torch.empty(k, n, dtype=torch.uint8)  # transposed, like each panel: a column's codes are one row
+    cols, blk = order.tolist(), (order // b).tolist()  # the swept columns and their blocks, as Python ints
     for p0 in range(0, k, GPTQ_PANEL):
         p1 = min(k, p0 + GPTQ_PANEL)
-        W1 = w[:, p0:p1].clone()
-        E1 = torch.zeros_like(W1)
+        W1 = w[:, p0:p1].T.contiguous()  # (panel, n): each column a contiguous row, updated in place
+        E1 = torch.empty_like(W1)
         U1 = U[p0:p1, p0:p1]
         for i in range(p1 - p0):
             col = p0 + i
             if not act_order and col % b == 0:
-                s, z = _fit_blocks(W1[:, i:i + b].unsqueeze(1), qmax, hdiag[col:col + b].unsqueeze(0))
-                scales[:, col // b], zeros[:, col // b] = s[:, 0], z[:, 0]
-            s_col, z_col = scales[:, blk[col]], zeros[:, blk[col]]
-            q = torch.round(W1[:, i] / s_col + z_col).clamp_(0, qmax)
-            codes[:, order[col]] = q.to(torch.uint8)
-            err = (W1[:, i] - (q - z_col) * s_col) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        w[:, p1:] -= E1 @ U[p0:p1, p1:]
-    return Quantized(codes.numpy(), scales.numpy(), zeros.to(torch.uint8).numpy(), spec)
+                s, z = _fit_blocks(W1[i:i + b].T.unsqueeze(1), qmax, hdiag[col:col + b].unsqueeze(0), shrinks)
+                sT[col // b], zT[col // b] = s[:, 0], z[:, 0]
+            s_col, z_col = sT[blk[col]], zT[blk[col]]
+            q = torch.round(W1[i] / s_col + z_col).clamp_(0, qmax)
+            codes[cols[col]] = q.to(torch.uint8)
+            err = E1[i]
+            torch.sub(W1[i], (q - z_col) * s_col, out=err).div_(U1[i, i])
+            if i + 1 < p1 - p0:
+                W1[i + 1:].sub_(torch.outer(U1[i, i + 1:], err))
+        w[:, p1:] -= E1.T @ U[p0:p1, p1:]
+    return Quantized(np.ascontiguousarray(codes.T.numpy()), np.ascontiguousarray(sT.T.numpy()),
+                     np.ascontiguousarray(zT.T.to(torch.uint8).numpy()), spec)
 
 
-def output_error(w: torch.Tensor, q: Quantized, hessian_or_diag: torch.Tensor) -> float:
+def output_error(w: torch.Tensor, q: Quantized, hessian_or_diag: torch.Tensor, rows: int = 16384) -> float:
     """Relative output error of quantized weights on the calibration inputs: E‖ΔW x‖² / E‖W x‖², from H = E[x xᵀ]
-    (or its diagonal alone, which ignores correlations between input columns)."""
-    w = w.detach().to(torch.float32)
-    dw = torch.from_numpy(q.dequantize()) - w
+    (or its diagonal alone, which ignores correlations between input columns). A slice of `rows` rows at a time:
+    whole, the LM head's temporaries would be several fp32 copies of it."""
     h = hessian_or_diag.to(torch.float32)
-    if h.dim() == 1:
-        return float((dw.square() @ h).sum() / (w.square() @ h).sum().clamp(min=1e-30))
-    return float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
+    num = den = 0.0
+    for r in range(0, w.shape[0], rows):
+        wr = w[r:r + rows].detach().to(torch.float32)
+        dw = torch.from_numpy(q.rows(r, r + rows).dequantize()) - wr
+        if h.dim() == 1:
+            num += float((dw.square() @ h).sum())
+            den += float((wr.square() @ h).sum())
+        else:
+            num += float(((dw @ h) * dw).sum())
+            den += float(((wr @ h) * wr).sum())
+    return num / max(den, 1e-30)
 
 
 # ---- carried over from GGUF blocks -----------------------------------------------------------------------------
