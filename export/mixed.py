@@ -169,8 +169,9 @@ def _split(ids: list[int]) -> tuple[list[int], list[int], list[int]]:
     """The calibration tokens in three: those GPTQ fits on (CALIBRATION_TOKENS, fewer from a short text but at least
     MIN_TOKENS), the next SENSITIVITY_TOKENS each group's KL is measured on, and the next ASIDE_TOKENS the choice's
     perplexity is checked on. Measured on tokens GPTQ fitted, a group's KL understates what it does to new text (on
-    the real 0.5B: +0.3% there, +2.5% on the evaluation text), so a text too short for all three measures the KL
-    on the last fitted tokens (the report says so) and skips the check."""
+    the real 0.5B: +0.3% there, +2.5% on the evaluation text). A short text shares out what it has in that order of
+    priority: under CALIBRATION_TOKENS + SENSITIVITY_TOKENS GPTQ fits on fewer tokens and the check is skipped;
+    under MIN_TOKENS + SENSITIVITY_TOKENS the KL is measured on the last fitted tokens too (the report says so)."""
     fit = ids[:max(MIN_TOKENS, min(CALIBRATION_TOKENS, len(ids) - SENSITIVITY_TOKENS))]
     rest = ids[len(fit):]
     if len(rest) < SENSITIVITY_TOKENS:
@@ -211,6 +212,12 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
     ids, what = calibration_tokens(ckpt.tokenizer(), text, cfg.vocab_size,
                                    CALIBRATION_TOKENS + SENSITIVITY_TOKENS + ASIDE_TOKENS)
     fit, sens, aside = _split(ids)
+    overlap = len(ids) < len(fit) + SENSITIVITY_TOKENS
+    if overlap:
+        least, full = MIN_TOKENS + SENSITIVITY_TOKENS, CALIBRATION_TOKENS + SENSITIVITY_TOKENS + ASIDE_TOKENS
+        status(f"note: the calibration text has {len(ids)} tokens: each group's KL is measured on tokens GPTQ fitted, "
+               f"which understates it, and the choice is not checked on unseen ones ({least} tokens or more measure "
+               f"on unseen ones; {full} give every part its full share)")
     model = load_model()
     try:
         params = dict(model.named_parameters())
@@ -275,7 +282,7 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
         release_freed_memory()
     info = {"method": "mixed: per group 4-bit (GPTQ) or its wide form, by measured sensitivity",
             "bits": LOW.bits, "block": LOW.block, "text": what, "tokens": len(fit),
-            "sensitivity_tokens": len(sens), "sensitivity_on_fitted_tokens": len(ids) < len(fit) + SENSITIVITY_TOKENS,
+            "sensitivity_tokens": len(sens), "sensitivity_on_fitted_tokens": overlap,
             "max_kl": allowed,
             "kl": float(f"{combined:.4g}"),
             "saved_mib": round(saved / 2**20, 1),
