@@ -72,6 +72,22 @@ def _bytes(spec: QuantSpec, n: int, k: int) -> int:
                for name, s in spec.shapes(n, k).items())
 
 
+class _HeadAsTable:
+    """A checkpoint source that answers for a tied head with its table (a tied checkpoint stores no lm_head)."""
+
+    def __init__(self, source):
+        self.source, self.raw = source, getattr(source, "raw", None)
+
+    def _name(self, name: str) -> str:
+        return "model.embed_tokens.weight" if name == "lm_head.weight" else name
+
+    def tensor_type(self, name: str) -> str:
+        return self.source.tensor_type(self._name(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(self._name(name))
+
+
 def wide_spec(source, name: str) -> QuantSpec | None:
     """The form a weight takes when not 4-bit: a GGUF tensor's exact blocks when they are 8-bit codes (None when
     they are 4-bit already: nothing to choose), a float checkpoint's 8-bit round-to-nearest."""
@@ -222,13 +238,14 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
     try:
         params = dict(model.named_parameters())
         params.setdefault("lm_head.weight", model.lm_head.weight)
-        groups = _groups(model, names, ckpt.source)
+        source = _HeadAsTable(ckpt.source) if cfg.tie_word_embeddings else ckpt.source
+        groups = _groups(model, names, source)
         cand = [p for g in groups for p in g.params]
-        low, out = _low_forms(model, fit, set(cand), ckpt.source)
+        low, out = _low_forms(model, fit, set(cand), source)
         for g in groups:
             for p in g.params:
                 n, k = params[p].shape
-                g.saved += _bytes(wide_spec(ckpt.source, p), n, k) - _bytes(LOW, n, k)
+                g.saved += _bytes(wide_spec(source, p), n, k) - _bytes(LOW, n, k)
         for p, c in out.items():
             _load(params[p], c.quantized)  # sensitivities are measured against the wide form
         probe = _Probe(model, torch.tensor([sens]))
@@ -242,7 +259,7 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
                     elif p in out:
                         _load(params[p], out[p].quantized)
                     else:  # a GGUF's exact blocks: what the reference was loaded with
-                        params[p].copy_(ckpt.source.get(p).to(torch.float32))
+                        params[p].copy_(source.get(p).to(torch.float32))
 
         t1 = time.perf_counter()
         for j, g in enumerate(groups):

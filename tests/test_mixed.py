@@ -152,8 +152,22 @@ def test_float_checkpoint_wide_form_is_8bit(tmp_path):
     out = tmp_path / "out"
     report = export_onnx(ckpt, make_plan("onnx", ckpt, dtype="int4", quantizer="mixed", max_kl=0.0, out=out,
                                          verify=False))
-    froms = {(q["from"], q["bits"]) for n, q in report["quantized"].items() if "embed_tokens" not in n}
-    assert froms == {("rtn8", 8)}, froms
+    froms = {(q["from"], q["bits"]) for n, q in report["quantized"].items()}
+    assert froms == {("rtn8", 8)}, froms  # the tied table too: the head's wide form, gathered at 8 bits
+    d = onnx_parity(out, dequantized_reference(ckpt, report, out), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+    assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+
+
+def test_a_tied_table_is_a_candidate_and_the_export_computes_it(tmp_path):
+    """A tied embedding/head table is the head's candidate: measured, chosen, written once in its 4-bit form (the
+    embedding gathering from the same blocks), and the export computes what the report says it wrote."""
+    ckpt = random_checkpoint("tiny")
+    assert ckpt.config.tie_word_embeddings
+    out = tmp_path / "out"
+    report = export_onnx(ckpt, make_plan("onnx", ckpt, dtype="int4", quantizer="mixed", max_kl=1e9, out=out,
+                                         verify=False))
+    assert report["calibration"]["groups"]["head"]["choice"] == "4-bit"
+    assert report["quantized"]["model.embed_tokens.weight"]["from"] == "mixed", report["quantized"]
     d = onnx_parity(out, dequantized_reference(ckpt, report, out), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
     assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
 

@@ -145,16 +145,29 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
+TIED = "model.embed_tokens.weight"  # the name a tied embedding/head table has in the traced graph
+
+
 def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers: int | None
                 ) -> tuple[dict, dict | None]:
     """The calibrated recipe's GPTQ results for the traced graph's linear weights ({} for other recipes). The
     size limit is the whole model's, so a big model's gate (its first layers) is quantized as the export is."""
     if plan.recipe not in CALIBRATED_RECIPES:
         return {}, None
-    names = {n for n, v in model.graph.initializers.items() if quantizable(n, v.shape) and "embed_tokens" not in n}
+    inits = model.graph.initializers
+    names = {n for n, v in inits.items() if quantizable(n, v.shape) and "embed_tokens" not in n}
+    # a tied table is the head's weight too (the graph calls it the embedding's): calibrated as the head, whose
+    # inputs it multiplies, and written under its graph name, the embedding gathering from those blocks
+    tied = TIED if TIED in inits and ckpt.config.tie_word_embeddings and quantizable(TIED, inits[TIED].shape) else None
+    if tied:
+        names.add("lm_head.weight")
     if plan.recipe == "mixed":
-        return mixed_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration, plan.max_kl)
-    return calibrated_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration)
+        out = mixed_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration, plan.max_kl)
+    else:
+        out = calibrated_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration)
+    if tied and "lm_head.weight" in out[0]:
+        out[0][tied] = out[0].pop("lm_head.weight")
+    return out
 
 
 def _expert_quant(cfg, base: QuantSpec | None) -> QuantSpec | None:
