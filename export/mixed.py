@@ -41,8 +41,8 @@ import torch
 
 from qwen2_ref.progress import console, status
 
-from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, Calibrated, calibrate, calibration_tokens,
-                        gptq_group)
+from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, SEQUENCE, Calibrated, calibrate,
+                        calibration_tokens, gptq_group)
 from .quant import GGUF_EXACT, QuantSpec, output_error, quantize_rtn
 
 # How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
@@ -188,7 +188,8 @@ def _split(ids: list[int]) -> tuple[list[int], list[int], list[int]]:
     the real 0.5B: +0.3% there, +2.5% on the evaluation text). A short text shares out what it has in that order of
     priority: under CALIBRATION_TOKENS + SENSITIVITY_TOKENS GPTQ fits on fewer tokens and the check is skipped;
     under MIN_TOKENS + SENSITIVITY_TOKENS the KL is measured on the last fitted tokens too (the report says so)."""
-    fit = ids[:max(MIN_TOKENS, min(CALIBRATION_TOKENS, len(ids) - SENSITIVITY_TOKENS))]
+    n = max(MIN_TOKENS, min(CALIBRATION_TOKENS, len(ids) - SENSITIVITY_TOKENS))
+    fit = ids[:n - n % SEQUENCE if n > SEQUENCE else n]  # `calibrate` runs whole sequences: no token left unused
     rest = ids[len(fit):]
     if len(rest) < SENSITIVITY_TOKENS:
         return fit, fit[-SENSITIVITY_TOKENS:], []
@@ -301,9 +302,9 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
             "bits": LOW.bits, "block": LOW.block, "text": what, "tokens": len(fit),
             "sensitivity_tokens": len(sens), "sensitivity_on_fitted_tokens": overlap,
             "max_kl": allowed,
-            "kl": float(f"{combined:.4g}"),
+            "kl": float(f"{combined:.6g}"),
             "saved_mib": round(saved / 2**20, 1),
-            "groups": {g.name: {"weights": len(g.params), "kl": float(f"{g.kl:.4g}"),
+            "groups": {g.name: {"weights": len(g.params), "kl": float(f"{g.kl:.6g}"),
                                 "saved_mib": round(g.saved / 2**20, 2), "choice": "4-bit" if g.chosen else "wide"}
                        for g in groups},
             "held_aside_perplexity_increase": None if checked is None else round(checked, 6),

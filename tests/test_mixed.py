@@ -143,6 +143,8 @@ def test_kl_is_measured_on_tokens_gptq_did_not_fit():
     assert _split(ids) == (ids[:1024], ids[1024:1280], ids[1280:1792])
     fit, sens, aside = _split(ids[:600])
     assert (len(fit), sens, aside) == (344, ids[344:600], [])
+    fit, sens, aside = _split(ids[:1100])  # GPTQ runs whole 512-token sequences: the rest goes to the others
+    assert (len(fit), sens, aside) == (512, ids[512:768], ids[768:1100])
     fit, sens, aside = _split(ids[:400])
     assert (len(fit), sens, aside) == (MIN_TOKENS, ids[:MIN_TOKENS], [])
 
