@@ -127,7 +127,7 @@ def _rtn_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, t
 # ---- calibrated: weighted by what the layer's inputs look like -------------------------------------------------
 def _fit_blocks(x: torch.Tensor, qmax: int, h: torch.Tensor | None,
                 shrinks: tuple[float, ...] = _SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of `x` (rows, nb, b): the (scale, zero point) of the clipping in _SHRINK with the least error,
+    """Per block of `x` (rows, nb, b): the (scale, zero point) of the clipping in `shrinks` with the least error,
     squared error weighted per column by `h` (nb, b) (the input's mean square: an error on a column the layer
     sees large inputs on costs more). h None: unweighted."""
     lo = x.amin(-1).clamp(max=0.0)
