@@ -6,9 +6,10 @@ and `fractions.py`, PSF license). It never overlaps the text the README's and th
 measured on (CPython's `heapq.py`, `export/evaluate.py`): quality is always reported on text the quantizer did
 not see. `--calibration FILE` replaces it.
 
-One forward pass: every linear's input statistics H = E[x xᵀ] are taken by a forward hook and the weight is
-quantized right there (then H is dropped), so no more than one layer's H is held at a time. The LM head's inputs
-are the final norm's outputs (the forward computes the last position's logits only).
+One forward pass, a decoder layer at a time: every linear's input statistics H = E[x xᵀ] are taken by a forward
+hook and the weight is quantized right there (then H is dropped), so no more than one group's H is held at a time.
+The reference need not be in memory (`StreamedReference`: one fp32 layer at a time, from the checkpoint). The LM
+head's inputs are the final norm's outputs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.progress import console, status
 
-from .quant import Quantized, QuantSpec, output_error, quantize_gptq
+from .quant import Quantized, QuantSpec, gptq
 
 DEFAULT_TEXT = Path(__file__).with_name("data") / "calibration.txt"
 CALIBRATION_TOKENS = 1024  # tokens the quantizer sees (in sequences of SEQUENCE)
@@ -77,26 +78,115 @@ class Calibrated:
 GroupQuantizer = Callable[[list[tuple[str, torch.Tensor]], torch.Tensor], dict]
 
 
+class StreamedReference:
+    """The fp32 reference of a checkpoint, never whole in memory: the embedding rows, each decoder layer, the final
+    norm and the LM head built from the checkpoint's own values (a GGUF's blocks dequantized exactly) when asked
+    for and freed after. `calibrate` over it holds one layer's fp32 weights at a time."""
+
+    def __init__(self, cfg, source):
+        from qwen2_ref import rope
+
+        self.config, self.source = cfg, source
+        self.rope_inv_freq, self.rope_scale = rope.inv_freq_and_scale(cfg)
+
+    def _get(self, name: str) -> torch.Tensor:
+        return self.source.get(name).to(torch.float32)
+
+    def embed(self, ids: torch.Tensor, block: int = 1024) -> torch.Tensor:
+        """The embedding rows of `ids`, read a block of rows at a time (only blocks holding one of them)."""
+        name = "model.embed_tokens.weight"
+        out = torch.empty(*ids.shape, self.config.hidden_size)
+        for b in sorted(set((ids // block).reshape(-1).tolist())):
+            sel = (ids // block) == b
+            out[sel] = self.source.get_rows(name, b * block, (b + 1) * block).to(torch.float32)[ids[sel] - b * block]
+        return out
+
+    def layer(self, i: int) -> torch.nn.Module:
+        from qwen2_ref.model import DecoderLayer
+        from qwen2_ref.weights import expected_tensors, param_slot
+
+        with torch.device("meta"):
+            layer = DecoderLayer(self.config, i)
+        layer = layer.to_empty(device="cpu").to(torch.float32)
+        params = dict(layer.named_parameters(remove_duplicate=False))
+        prefix = f"model.layers.{i}."
+        for name in expected_tensors(self.config):
+            if name.startswith(prefix):
+                pname, idx = param_slot(name)
+                dst = params[pname.removeprefix(prefix)]
+                (dst if idx is None else dst[idx]).copy_(self._get(name))
+        return layer
+
+    def norm(self) -> torch.nn.Module:
+        from qwen2_ref.model import RMSNorm
+
+        norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
+        norm.weight.data = self._get("model.norm.weight")
+        return norm
+
+    def head(self) -> "SourceRows":
+        return SourceRows(self.source, "model.embed_tokens.weight" if self.config.tie_word_embeddings
+                          else "lm_head.weight")
+
+
+class SourceRows:
+    """A 2-D checkpoint tensor as GPTQ reads it, a slice of rows at a time (`w[r0:r1]`: fp32), so that it is never
+    whole in fp32: the LM head is the largest tensor of a small model (0.5B: 544 MB in fp32). (A float checkpoint's
+    8-bit wide form, in the mixed recipe, reads it whole.)"""
+
+    def __init__(self, source, name: str):
+        self.source, self.name = source, name
+        self.shape = tuple(source.shape(name))
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.source.get_rows(self.name, start, stop).to(torch.float32)
+
+    def whole(self) -> torch.Tensor:
+        return self[:]
+
+
+class _Resident:
+    """A reference model in memory, answering as StreamedReference does (its own modules and tensors)."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+        self.rope_inv_freq, self.rope_scale = model.rope_inv_freq, model._rope_scale
+
+    def embed(self, ids):
+        return self.model.model.embed_tokens(ids)
+
+    def layer(self, i):
+        return self.model.model.layers[i]
+
+    def norm(self):
+        return self.model.model.norm
+
+    def head(self):
+        return self.model.lm_head.weight
+
+
 @torch.no_grad()
-def calibrate(model, ids: list[int], quantize: "GroupQuantizer", names: set[str]) -> dict[str, object]:
-    """Run `model` (the fp32 reference) over `ids` in sequences of SEQUENCE tokens, batched into one forward.
-    Linear weights in `names` that read the same input (q/k/v; gate/up) form a group; `quantize([(name,
-    weight), ...], H)` is called once per group with H = E[x xᵀ] (K, K) of that input and returns {name: result}.
-    Returns all results."""
+def calibrate(reference, ids: list[int], quantize: "GroupQuantizer", names: set[str]) -> dict[str, object]:
+    """Run the fp32 reference (a model in memory, or a StreamedReference) over `ids` in sequences of SEQUENCE
+    tokens, batched, one decoder layer at a time. Linear weights in `names` that read the same input (q/k/v;
+    gate/up) form a group; `quantize([(name, weight), ...], H)` is called once per group with H = E[x xᵀ] (K, K)
+    of that input and returns {name: result}. The LM head's input is the final norm's output. Returns all
+    results."""
+    from qwen2_ref.model import _Context
+
+    ref = reference if isinstance(reference, StreamedReference) else _Resident(reference)
+    cfg = ref.config
     results: dict[str, object] = {}
     seqs = [ids[s:s + SEQUENCE] for s in range(0, len(ids) - SEQUENCE + 1, SEQUENCE)] or [ids]
-    x = torch.tensor(seqs)  # (B, T)
-    modules = dict(model.named_modules())
+    x_ids = torch.tensor(seqs)  # (B, T)
+    B, T = x_ids.shape
     head = "lm_head.weight"
-    total = sum(1 for n in names if n.removesuffix(".weight") in modules)
-    pending: list = []  # [input tensor, [(name, weight), ...]]: the group whose input was seen last
-    hooks, done, t0 = [], [0], time.perf_counter()
+    layer_names = [f"model.layers.{i}." for i in range(cfg.num_hidden_layers)]
+    total = sum(1 for n in names if n == head or n.startswith(tuple(layer_names)))
+    done, t0 = [0], time.perf_counter()
 
-    def flush() -> None:
-        if not pending:
-            return
-        inputs, members = pending
-        pending.clear()
+    def flush(inputs: torch.Tensor, members: list) -> None:
         xs = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
         h = xs.T @ xs / xs.shape[0]
         results.update(quantize(members, h))
@@ -106,26 +196,37 @@ def calibrate(model, ids: list[int], quantize: "GroupQuantizer", names: set[str]
             console.print(f"  calibrated {done[0]}/{total} weights ({el:.0f} s, ETA "
                           f"{el / done[0] * (total - done[0]):.0f} s)", end="\r")
 
-    def seen(pname: str, w: torch.Tensor, inputs: torch.Tensor) -> None:
-        if pending and pending[0] is not inputs:
-            flush()
-        if not pending:
-            pending.extend([inputs, []])
-        pending[1].append((pname, w))
+    status(f"calibrating {total} weights on {x_ids.numel()} tokens ({B} x {T}) ...")
+    mask = torch.ones(B, T, dtype=torch.long)
+    ctx = _Context(cfg, ref.rope_inv_freq, ref.rope_scale, torch.arange(T)[None].expand(B, T), mask, 0)
+    x = ref.embed(x_ids)
+    kv = x.new_zeros(B, cfg.num_key_value_heads, 0, cfg.head_dim)
+    pending: list = []  # [input tensor, [(name, weight), ...]]: the group whose input was seen last
+    for i, prefix in enumerate(layer_names):
+        layer = ref.layer(i)
 
-    for mname, mod in modules.items():
-        pname = f"{mname}.weight"
-        if pname in names and isinstance(mod, torch.nn.Linear) and pname != head:
-            hooks.append(mod.register_forward_hook(lambda m, a, o, p=pname: seen(p, m.weight, a[0])))
-    if head in names:  # the head sees the final norm's output; the forward keeps one position's logits only
-        hooks.append(model.model.norm.register_forward_hook(lambda m, a, o: seen(head, model.lm_head.weight, o)))
-    status(f"calibrating {total} weights on {x.numel()} tokens ({x.shape[0]} x {x.shape[1]}) ...")
-    try:
-        model(x, logits_to_keep=1)
-        flush()
-    finally:
-        for h in hooks:
-            h.remove()
+        def seen(pname: str, w: torch.Tensor, inputs: torch.Tensor) -> None:
+            if pending and pending[0] is not inputs:
+                flush(*pending)
+                pending.clear()
+            if not pending:
+                pending.extend([inputs, []])
+            pending[1].append((pname, w))
+
+        hooks = [mod.register_forward_hook(lambda m, a, o, p=f"{prefix}{mname}.weight": seen(p, m.weight, a[0]))
+                 for mname, mod in layer.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and f"{prefix}{mname}.weight" in names]
+        try:
+            x, _ = layer(x, ctx, (kv, kv))
+            if pending:
+                flush(*pending)
+        finally:
+            pending.clear()
+            for h in hooks:
+                h.remove()
+        del layer
+    if head in names:
+        flush(ref.norm()(x), [(head, ref.head())])
     return results
 
 
@@ -134,12 +235,12 @@ def gptq_group(spec: QuantSpec, act_order: bool = False, **kw) -> "GroupQuantize
     q, k and v at the cost of one), split back per weight."""
     def run(members: list[tuple[str, torch.Tensor]], h: torch.Tensor) -> dict[str, Calibrated]:
         ws = [w for _, w in members]
-        q = quantize_gptq(ws[0] if len(ws) == 1 else torch.cat(ws), spec, h, act_order, **kw)  # the head: no copy
+        q, err, power = gptq(ws[0] if len(ws) == 1 else torch.cat(ws), spec, h, act_order, **kw)  # head: no copy
         out, r = {}, 0
         for name, w in members:
-            part = q.rows(r, r + w.shape[0])
-            out[name] = Calibrated(part, output_error(w, part, h))
-            r += w.shape[0]
+            r1 = r + w.shape[0]
+            out[name] = Calibrated(q.rows(r, r1), float(err[r:r1].sum()) / max(float(power[r:r1].sum()), 1e-30))
+            r = r1
         return out
     return run
 
@@ -147,20 +248,17 @@ def gptq_group(spec: QuantSpec, act_order: bool = False, **kw) -> "GroupQuantize
 GPTQ4 = QuantSpec(bits=4, block=32, source="gptq")
 
 
-def calibrate_checkpoint(load_model: Callable[[], torch.nn.Module], tokenizer, names: set[str], vocab_size: int,
-                         text: str | Path | None = None, spec: QuantSpec = GPTQ4) -> tuple[dict[str, Calibrated], dict]:
+def calibrate_checkpoint(reference: StreamedReference, tokenizer, names: set[str], text: str | Path | None = None,
+                         spec: QuantSpec = GPTQ4) -> tuple[dict[str, Calibrated], dict]:
     """GPTQ for every linear weight in `names`, against the fp32 reference's own inputs on the calibration text.
-    `load_model()` gives the reference; it is freed before return. Returns the results and what the report says
-    about the calibration."""
+    Returns the results and what the report says about the calibration."""
     from qwen2_ref.memory import release_freed_memory
 
-    ids, what = calibration_tokens(tokenizer, text, vocab_size)
+    ids, what = calibration_tokens(tokenizer, text, reference.config.vocab_size)
     t0 = time.perf_counter()
-    model = load_model()
     try:
-        results = calibrate(model, ids, gptq_group(spec), names)
+        results = calibrate(reference, ids, gptq_group(spec), names)
     finally:
-        del model
         release_freed_memory()
     info = {"method": "gptq", "bits": spec.bits, "block": spec.block, "text": what, "tokens": len(ids),
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -186,24 +284,27 @@ def keep_exact(results: dict[str, Calibrated], source, threshold: float | None =
     return {n for n, c in results.items() if c.error > threshold and source.tensor_type(n) in GGUF_EXACT}
 
 
-# The fp32 reference bigger than this is not materialized: such models are quantized without calibration.
+# Models whose fp32 reference is bigger than this are quantized without calibration (the mixed recipe holds the
+# reference in memory to measure on, at bf16 or fp32; GPTQ alone streams it a layer at a time).
 MAX_REFERENCE_BYTES = 6 * 2**30
 
 
-def calibrated_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Module],
+def calibrated_weights(ckpt, names: set[str], reference: StreamedReference | None = None,
                        text: str | Path | None = None) -> tuple[dict[str, "Calibrated"], dict]:
     """The calibrated recipe for an export, any target: GPTQ results for the linear weights `names` (those a GGUF
-    keeps exactly, by `keep_exact`, left out), and what the report says. GPTQ runs on the fp32 reference, so it
-    needs the whole reference in memory: bigger models are quantized without it (said in the report)."""
+    keeps exactly, by `keep_exact`, left out), and what the report says. GPTQ runs on the fp32 reference a layer at
+    a time; models whose fp32 reference is over MAX_REFERENCE_BYTES are quantized without it (said in the report)."""
     from qwen2_ref.progress import status
 
     cfg = ckpt.config
     if cfg.num_parameters() * 4 > MAX_REFERENCE_BYTES:
-        status(f"note: calibration needs the fp32 reference in memory ({cfg.num_parameters() * 4 / 2**30:.0f} GiB);"
-               " this size is quantized without it (a GGUF's exact blocks, else round-to-nearest)")
+        status(f"note: calibration runs on models whose fp32 reference is {MAX_REFERENCE_BYTES / 2**30:.0f} GiB or "
+               f"less (this one: {cfg.num_parameters() * 4 / 2**30:.0f} GiB); this size is quantized without it (a "
+               "GGUF's exact blocks, else round-to-nearest)")
         return {}, {"method": "none: the fp32 reference is too large to calibrate on (GGUF blocks kept exactly "
                               "where possible, else round-to-nearest)"}
-    results, info = calibrate_checkpoint(load_model, ckpt.tokenizer(), names, cfg.vocab_size, text)
+    reference = reference or StreamedReference(cfg, ckpt.source)
+    results, info = calibrate_checkpoint(reference, ckpt.tokenizer(), names, text)
     exact = keep_exact(results, ckpt.source)
     info["kept_exact"] = {n: ckpt.source.tensor_type(n) for n in sorted(exact)}
     info["gptq_output_error"] = {n: round(c.error, 6) for n, c in sorted(results.items())}

@@ -41,8 +41,8 @@ import torch
 
 from qwen2_ref.progress import console, status
 
-from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, SEQUENCE, Calibrated, calibrate,
-                        calibration_tokens, gptq_group)
+from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, SEQUENCE, Calibrated,
+                        StreamedReference, calibrate, calibration_tokens, gptq_group)
 from .quant import GGUF_EXACT, QuantSpec, output_error, quantize_rtn
 
 # How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
@@ -100,8 +100,8 @@ def wide_spec(source, name: str) -> QuantSpec | None:
     return WIDE_FLOAT
 
 
-def _groups(model, names: set[str], source) -> list[Group]:
-    L = model.config.num_hidden_layers
+def _groups(cfg, names: set[str], source) -> list[Group]:
+    L = cfg.num_hidden_layers
     out = []
     kinds = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
              "mlp_in": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
@@ -112,7 +112,7 @@ def _groups(model, names: set[str], source) -> list[Group]:
             if ps:
                 out.append(Group(f"layers.{i}.{kind}", i, ps))
     if "lm_head.weight" in names and wide_spec(source, "lm_head.weight") is not None:
-        out.append(Group("head", -1 if model.config.tie_word_embeddings else L, ["lm_head.weight"]))
+        out.append(Group("head", -1 if cfg.tie_word_embeddings else L, ["lm_head.weight"]))
     return out
 
 
@@ -158,8 +158,8 @@ class _Probe:
         return total / logits.shape[0]
 
 
-def _low_forms(model, ids: list[int], cand: set[str], source) -> tuple[dict, dict]:
-    """One calibration forward (`calibrate.calibrate`'s hooks): every candidate's 4-bit form by GPTQ against its
+def _low_forms(reference: StreamedReference, ids: list[int], cand: set[str], source) -> tuple[dict, dict]:
+    """One calibration forward (`calibrate.calibrate`'s hooks, a layer at a time in fp32): every candidate's 4-bit form by GPTQ against its
     own inputs' H = E[x xᵀ], as Calibrated (q/k/v and gate/up, which read one input, in one sweep); and a float
     checkpoint's wide forms (8-bit round-to-nearest), their error measured against the same H."""
     wide: dict[str, Calibrated] = {}
@@ -168,11 +168,11 @@ def _low_forms(model, ids: list[int], cand: set[str], source) -> tuple[dict, dic
     def quantize(members: list[tuple[str, torch.Tensor]], h: torch.Tensor) -> dict[str, Calibrated]:
         for name, w in members:
             if wide_spec(source, name) is WIDE_FLOAT:
-                q = quantize_rtn(w, WIDE_FLOAT)
+                q = quantize_rtn(w if isinstance(w, torch.Tensor) else w.whole(), WIDE_FLOAT)
                 wide[name] = Calibrated(q, output_error(w, q, h))
         return gptq(members, h)
 
-    return calibrate(model, ids, quantize, cand), wide
+    return calibrate(reference, ids, quantize, cand), wide
 
 
 def _load(param: torch.Tensor, q, rows: int = 8192) -> None:
@@ -213,15 +213,16 @@ def _held_aside_increase(model, chosen: list[Group], apply, ids: list[int]) -> f
 
 
 @torch.no_grad()
-def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Module], text=None,
-                  max_kl: float | None = None) -> tuple[dict[str, Calibrated], dict]:
+def mixed_weights(ckpt, names: set[str], reference: StreamedReference,
+                  load_model: Callable[[], torch.nn.Module], text=None, max_kl: float | None = None) -> tuple[dict[str, Calibrated], dict]:
     """{param: Calibrated} for every weight written in a form other than the recipe-less default (4-bit where
-    chosen; a float checkpoint's wide weights as 8-bit), and the report's account of the choice."""
+    chosen; a float checkpoint's wide weights as 8-bit), and the report's account of the choice. GPTQ runs on
+    `reference` (the fp32 reference a layer at a time); the sensitivities on `load_model()`, loaded after it."""
     from qwen2_ref.memory import release_freed_memory
 
-    cfg = ckpt.config
-    if cfg.num_parameters() * 4 > MAX_REFERENCE_BYTES:
-        gib = cfg.num_parameters() * 4 / 2**30
+    cfg = reference.config  # a gate's truncation: its first layers, quantized as the whole model's export is
+    if ckpt.config.num_parameters() * 4 > MAX_REFERENCE_BYTES:  # the whole model's size decides, as in the export
+        gib = ckpt.config.num_parameters() * 4 / 2**30
         status(f"note: the mixed recipe measures on the fp32 reference in memory ({gib:.0f} GiB); "
                "this size is written as --quantizer exact (a GGUF's blocks, else round-to-nearest)")
         return {}, {"method": "none: the fp32 reference is too large to measure on (written as --quantizer exact)"}
@@ -235,14 +236,15 @@ def mixed_weights(ckpt, names: set[str], load_model: Callable[[], torch.nn.Modul
         status(f"note: the calibration text has {len(ids)} tokens: each group's KL is measured on tokens GPTQ fitted, "
                f"which understates it, and the choice is not checked on unseen ones ({least} tokens or more measure "
                f"on unseen ones; {full} give every part its full share)")
+    source = _HeadAsTable(ckpt.source) if cfg.tie_word_embeddings else ckpt.source
+    groups = _groups(cfg, names, source)
+    cand = [p for g in groups for p in g.params]
+    low, out = _low_forms(reference, fit, set(cand), source)
+    release_freed_memory()
     model = load_model()
     try:
         params = dict(model.named_parameters())
         params.setdefault("lm_head.weight", model.lm_head.weight)
-        source = _HeadAsTable(ckpt.source) if cfg.tie_word_embeddings else ckpt.source
-        groups = _groups(model, names, source)
-        cand = [p for g in groups for p in g.params]
-        low, out = _low_forms(model, fit, set(cand), source)
         for g in groups:
             for p in g.params:
                 n, k = params[p].shape

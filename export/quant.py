@@ -171,6 +171,15 @@ def quantize_weighted(w: torch.Tensor, spec: QuantSpec, h_diag: torch.Tensor) ->
 
 GPTQ_DAMP = 0.01  # fraction of the mean diagonal added to the Hessian (GPTQ's default)
 GPTQ_PANEL = 128  # columns updated together (a multiple of every block size used here)
+GPTQ_ROWS = 16384  # rows swept together: given H, rows are independent, and a panel of this many stays in cache
+
+
+def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """U, the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U, positive diagonal). With J the reversal of the order,
+    J H J = L Lᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular: one Cholesky and one
+    triangular solve, about half the work of a Cholesky, the inverse from it and a Cholesky of that."""
+    low = torch.linalg.cholesky(h.flip(0, 1))
+    return torch.linalg.solve_triangular(low, torch.eye(h.shape[0], dtype=h.dtype), upper=False).flip(0, 1)
 
 
 def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_order: bool = False,
@@ -184,30 +193,66 @@ def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_o
     With `act_order` the sweep takes the columns with the largest inputs first (H's diagonal, descending) — their
     error then lands on the many columns still free — and the blocks' parameters are fitted beforehand ("static
     groups"), since MatMulNBits' blocks are runs of consecutive columns that the reordered sweep visits piecemeal."""
-    w = w.detach().to(torch.float32).clone()
+    return gptq(w, spec, hessian, act_order, shrinks)[0]
+
+
+def gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_order: bool = False,
+         shrinks: tuple[float, ...] = _SHRINK) -> tuple[Quantized, torch.Tensor]:
+    """`quantize_gptq`, and per row its output error ΔW H ΔWᵀ and output power W H Wᵀ (N,) on the calibration
+    inputs. The error comes from the sweep's own errors: with E the scaled errors (err_i = (w_i − q_i) / U_ii as
+    each column is rounded), ΔW = E U, so ΔW (H + λI) ΔWᵀ = E Eᵀ, and the damping's λ‖ΔW‖² is taken off.
+    `w` may be anything that answers `w[r0:r1]` with those rows (a checkpoint's, read a slice at a time)."""
     n, k = w.shape
-    b, qmax = spec.block, (1 << spec.bits) - 1
+    b = spec.block
     if k % b or GPTQ_PANEL % b:
         raise ValueError(f"GPTQ needs whole blocks: K={k}, block {b}")
-    H = hessian.to(torch.float32).clone()
+    h_in = hessian.to(torch.float32)
+    H = h_in.clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    w[:, dead] = 0.0
     hdiag = torch.diagonal(H).clone()
     nb = k // b
-    sT, zT = torch.empty(nb, n), torch.empty(nb, n)  # per block, its scale and zero point for every row
-    order = torch.arange(k)
+    order = torch.argsort(hdiag, descending=True) if act_order else torch.arange(k)
     if act_order:
-        for r in range(0, n, 4096):
-            s, z = _fit_blocks(w[r:r + 4096].reshape(-1, nb, b), qmax, hdiag.reshape(nb, b), shrinks)
-            sT[:, r:r + 4096], zT[:, r:r + 4096] = s.T, z.T
-        order = torch.argsort(hdiag, descending=True)
-        w, H = w[:, order], H[order][:, order]
-    H.diagonal().add_(GPTQ_DAMP * float(hdiag.mean()))
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    del H  # U: upper Cholesky factor of H⁻¹; row i is how column i's error spreads over the later columns
-    codes = torch.empty(k, n, dtype=torch.uint8)  # transposed, like each panel: a column's codes are one row
-    cols, blk = order.tolist(), (order // b).tolist()  # the swept columns and their blocks, as Python ints
+        H = H[order][:, order]
+    damp = GPTQ_DAMP * float(hdiag.mean())
+    H.diagonal().add_(damp)
+    U = _inverse_factor(H)  # row i: how column i's error spreads over the later columns
+    del H
+    codes = np.empty((n, k), dtype=np.uint8)
+    scales, zeros = np.empty((n, nb), dtype=np.float32), np.empty((n, nb), dtype=np.uint8)
+    row_err, row_power = torch.empty(n), torch.empty(n)
+    for r0 in range(0, n, GPTQ_ROWS):
+        r1 = min(n, r0 + GPTQ_ROWS)
+        w0 = w[r0:r1].detach().to(torch.float32)  # read once (a checkpoint's rows are dequantized per read)
+        wr = w0.clone()
+        wr[:, dead] = 0.0
+        c, sT, zT, e2 = _sweep(wr, U, spec, hdiag, order if act_order else None, shrinks)
+        codes[r0:r1], scales[r0:r1], zeros[r0:r1] = c.T.numpy(), sT.T.numpy(), zT.T.to(torch.uint8).numpy()
+        q = Quantized(codes[r0:r1], scales[r0:r1], zeros[r0:r1], spec)
+        dw = torch.from_numpy(q.dequantize()) - w0
+        dw[:, dead] = 0.0  # rounded as zeros (no input ever reaches them)
+        row_err[r0:r1] = e2 - damp * dw.square_().sum(1)
+        row_power[r0:r1] = ((w0 @ h_in) * w0).sum(1)
+    return Quantized(codes, scales, zeros, spec), row_err.clamp_(min=0.0), row_power
+
+
+def _sweep(w: torch.Tensor, U: torch.Tensor, spec: QuantSpec, hdiag: torch.Tensor, order: torch.Tensor | None,
+           shrinks: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's sweep over rows `w` (n, K) (updated in place): codes (K, n) transposed like each panel (a column's
+    codes are one row), scales and zero points (nb, n), and per row the sum of the squared scaled errors."""
+    n, k = w.shape
+    b, qmax = spec.block, (1 << spec.bits) - 1
+    nb = k // b
+    sT, zT = torch.empty(nb, n), torch.empty(nb, n)  # per block, its scale and zero point for every row
+    if order is not None:  # static groups: fitted on the weights before the sweep, then the columns reordered
+        s, z = _fit_blocks(w.reshape(-1, nb, b), qmax, hdiag.reshape(nb, b), shrinks)
+        sT[:], zT[:] = s.T, z.T
+        w = w[:, order]
+    cols = order.tolist() if order is not None else list(range(k))
+    blk = [c // b for c in cols]  # the swept columns and their blocks, as Python ints
+    codes = torch.empty(k, n, dtype=torch.uint8)
+    e2 = torch.zeros(n)
     for p0 in range(0, k, GPTQ_PANEL):
         p1 = min(k, p0 + GPTQ_PANEL)
         W1 = w[:, p0:p1].T.contiguous()  # (panel, n): each column a contiguous row, updated in place
@@ -215,7 +260,7 @@ def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_o
         U1 = U[p0:p1, p0:p1]
         for i in range(p1 - p0):
             col = p0 + i
-            if not act_order and col % b == 0:
+            if order is None and col % b == 0:
                 s, z = _fit_blocks(W1[i:i + b].T.unsqueeze(1), qmax, hdiag[col:col + b].unsqueeze(0), shrinks)
                 sT[col // b], zT[col // b] = s[:, 0], z[:, 0]
             s_col, z_col = sT[blk[col]], zT[blk[col]]
@@ -225,9 +270,9 @@ def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_o
             torch.sub(W1[i], (q - z_col) * s_col, out=err).div_(U1[i, i])
             if i + 1 < p1 - p0:
                 W1[i + 1:].sub_(torch.outer(U1[i, i + 1:], err))
+        e2 += E1.square().sum(0)
         w[:, p1:] -= E1.T @ U[p0:p1, p1:]
-    return Quantized(np.ascontiguousarray(codes.T.numpy()), np.ascontiguousarray(sT.T.numpy()),
-                     np.ascontiguousarray(zT.T.to(torch.uint8).numpy()), spec)
+    return codes, sT, zT, e2
 
 
 def output_error(w: torch.Tensor, q: Quantized, hessian_or_diag: torch.Tensor, rows: int = 16384) -> float:
@@ -235,17 +280,22 @@ def output_error(w: torch.Tensor, q: Quantized, hessian_or_diag: torch.Tensor, r
     (or its diagonal alone, which ignores correlations between input columns). A slice of `rows` rows at a time:
     whole, the LM head's temporaries would be several fp32 copies of it."""
     h = hessian_or_diag.to(torch.float32)
-    num = den = 0.0
+    num = 0.0
     for r in range(0, w.shape[0], rows):
         wr = w[r:r + rows].detach().to(torch.float32)
         dw = torch.from_numpy(q.rows(r, r + rows).dequantize()) - wr
-        if h.dim() == 1:
-            num += float((dw.square() @ h).sum())
-            den += float((wr.square() @ h).sum())
-        else:
-            num += float(((dw @ h) * dw).sum())
-            den += float(((wr @ h) * wr).sum())
-    return num / max(den, 1e-30)
+        num += float((dw.square() @ h).sum()) if h.dim() == 1 else float(((dw @ h) * dw).sum())
+    return num / max(output_power(w, h, rows), 1e-30)
+
+
+def output_power(w: torch.Tensor, hessian_or_diag: torch.Tensor, rows: int = 16384) -> float:
+    """E‖W x‖² on the calibration inputs, from H = E[x xᵀ] (or its diagonal), a slice of `rows` rows at a time."""
+    h = hessian_or_diag.to(torch.float32)
+    total = 0.0
+    for r in range(0, w.shape[0], rows):
+        wr = w[r:r + rows].detach().to(torch.float32)
+        total += float((wr.square() @ h).sum()) if h.dim() == 1 else float(((wr @ h) * wr).sum())
+    return total
 
 
 # ---- carried over from GGUF blocks -----------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_a_tied_head_is_measured_from_the_embedding():
     ckpt = random_checkpoint("tiny")
     model = reference_model(ckpt)
     assert model.config.tie_word_embeddings
-    head = [g for g in _groups(model, {"lm_head.weight"}, ckpt.source) if g.name == "head"]
+    head = [g for g in _groups(model.config, {"lm_head.weight"}, ckpt.source) if g.name == "head"]
     assert [g.layer for g in head] == [-1]
     ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

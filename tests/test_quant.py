@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from export.calibrate import CalibrationError, MIN_TOKENS, calibrate, calibration_ids, gptq_group
+from export.calibrate import (CalibrationError, MIN_TOKENS, SourceRows, StreamedReference, calibrate, calibration_ids,
+                              gptq_group)
 from export.plan import make_plan
-from export.quant import QuantSpec, output_error, quantize_gptq, quantize_rtn, quantize_weighted
+from export.quant import (QuantSpec, _inverse_factor, gptq, output_error, quantize_gptq, quantize_rtn,
+                          quantize_weighted)
 from qwen2_ref.errors import Qwen2Error
 
 from .conftest import random_checkpoint
@@ -52,6 +54,69 @@ def test_gptq_codes_are_valid_blocks():
     assert q.scales.shape == q.zero_points.shape == (40, 2) and (q.scales > 0).all()
     packed = q.pack()
     assert packed["B"].shape == (40, 2, 16)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_accounts_its_own_output_error(act_order):
+    """The error GPTQ reports from its sweep (ΔW = E U, so ΔW (H + λI) ΔWᵀ = E Eᵀ, less the damping's share) is the
+    output error measured directly from the dequantized weights, a dead input column included."""
+    w, x = outlier_layer(seed=2, n=48, k=320)  # three panels: the error carried across panels is counted too
+    x[:, 5] = 0.0
+    h = x.T @ x / x.shape[0]
+    q, err, power = gptq(w, SPEC, h, act_order)
+    torch.testing.assert_close(power, ((w @ h) * w).sum(1), rtol=1e-5, atol=0)
+    np.testing.assert_allclose(float(err.sum()) / float(power.sum()), output_error(w, q, h), rtol=1e-4)
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    _, x = outlier_layer(seed=3, k=64)
+    h = (x.T @ x / x.shape[0]).double()
+    u = _inverse_factor(h)
+    assert torch.equal(u, u.triu()) and (torch.diagonal(u) > 0).all()
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(h), rtol=1e-8, atol=1e-10)
+
+
+def test_gptq_row_slices_equal_the_whole(monkeypatch):
+    """GPTQ sweeps GPTQ_ROWS rows at a time, reading them from a checkpoint a slice at a time (the LM head is never
+    whole in fp32): what one sweep over the whole matrix gives."""
+    import export.quant as quant
+
+    w, x = outlier_layer(seed=4, n=100, k=320)
+    h = x.T @ x / x.shape[0]
+    whole = quantize_gptq(w, SPEC, h)
+
+    class Rows:
+        shape = tuple(w.shape)
+
+        def __getitem__(self, rows):
+            return w[rows].clone()
+
+    monkeypatch.setattr(quant, "GPTQ_ROWS", 32)
+    sliced = quantize_gptq(Rows(), SPEC, h)
+    # the same up to the summation order of the matmul that carries errors across panels (its row count differs)
+    assert (sliced.codes != whole.codes).mean() <= 1e-3
+    np.testing.assert_allclose(sliced.scales, whole.scales, rtol=1e-5)
+
+
+def test_streamed_reference_calibrates_as_the_model_in_memory():
+    """calibrate over a StreamedReference (one fp32 layer at a time, the embedding and the head read in row slices
+    from the checkpoint) sees the inputs the model in memory sees: the same H for every group, the head's too."""
+    for name in ("tiny", "tiny-untied", "tiny-moe", "tiny-yarn", "tiny-dca"):  # "tiny": the head is the table
+        ckpt = random_checkpoint(name)
+        model = ckpt.load_model(progress=False)
+        names = {n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n} | {"lm_head.weight"}
+        ids = torch.randint(0, ckpt.config.vocab_size, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+
+        def record(members, h):
+            return {n: (h, w[:]) for n, w in members}
+
+        resident = calibrate(model, ids, record, names)
+        streamed = calibrate(StreamedReference(ckpt.config, ckpt.source), ids, record, names)
+        assert set(streamed) == set(resident) and "lm_head.weight" in streamed
+        assert isinstance(StreamedReference(ckpt.config, ckpt.source).head(), SourceRows)
+        for n, (h, w) in resident.items():
+            torch.testing.assert_close(streamed[n][0], h, rtol=1e-5, atol=1e-6, msg=n)
+            torch.testing.assert_close(streamed[n][1], w.detach(), rtol=0, atol=0, msg=n)
 
 
 def test_gptq_rows_are_independent_so_groups_split_exactly():

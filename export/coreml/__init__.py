@@ -127,7 +127,7 @@ class CoreMLTarget:
 
         names = {n for n, shape in expected_tensors(ckpt.config).items()
                  if quantizable(n, shape) and "embed_tokens" not in n}
-        results, info = calibrated_weights(ckpt, names, lambda: ckpt.load_model(progress=False), plan.calibration)
+        results, info = calibrated_weights(ckpt, names, text=plan.calibration)
         return {n: c.quantized for n, c in results.items()}, info
 
     @contextmanager

@@ -21,7 +21,7 @@ from qwen2_ref.errors import Qwen2Error
 from qwen2_ref.progress import counter, status
 from qwen2_ref.weights import expected_tensors, load_into
 
-from ..calibrate import MAX_REFERENCE_BYTES, calibrated_weights
+from ..calibrate import MAX_REFERENCE_BYTES, StreamedReference, calibrated_weights
 from ..mixed import mixed_weights
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
@@ -161,10 +161,13 @@ def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers:
     tied = TIED if TIED in inits and ckpt.config.tie_word_embeddings and quantizable(TIED, inits[TIED].shape) else None
     if tied:
         names.add("lm_head.weight")
+    cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
+    reference = StreamedReference(cfg, ckpt.source)
     if plan.recipe == "mixed":
-        out = mixed_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration, plan.max_kl)
+        out = mixed_weights(ckpt, names, reference, lambda: reference_model(ckpt, num_layers),
+                            plan.calibration, plan.max_kl)
     else:
-        out = calibrated_weights(ckpt, names, lambda: reference_model(ckpt, num_layers), plan.calibration)
+        out = calibrated_weights(ckpt, names, reference, plan.calibration)
     if tied and "lm_head.weight" in out[0]:
         out[0][tied] = out[0].pop("lm_head.weight")
     return out
