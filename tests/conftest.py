@@ -11,10 +11,14 @@ import torch
 
 from qwen2_ref.checkpoint import Checkpoint
 from qwen2_ref.config import ModelArgs, from_name
+from qwen2_ref.memory import keep_freed_memory
 from qwen2_ref.weights import RandomSource
 
 os.environ.setdefault("QWEN2_QUIET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The suite frees and reallocates gigabytes (real-model references, sessions) many times: reused, not handed back
+# to the OS (see keep_freed_memory for what that costs on a VM).
+keep_freed_memory()
 
 # Reference vs transformers, both fp32 eager.
 FP32_ATOL = 1e-5
@@ -43,9 +47,8 @@ def hf_model(cfg: ModelArgs, seed: int = 0):
 
 @pytest.fixture(autouse=True)
 def _release_memory(request):
-    """After a real-model test its models and sessions (GBs) are gone: return their memory to the OS, so the next
-    test starts from a small resident set (the test budget is a peak RSS; glibc would keep freed blocks of up to
-    32 MB). Tiny tests skip it: trimming and re-faulting the heap after each of them costs more than it frees."""
+    """After a real-model test its models and sessions (GBs) are gone: collect them, so the next test reuses their
+    memory (the process keeps it: keep_freed_memory above). Tiny tests skip it."""
     yield
     if request.node.get_closest_marker("real_model") is not None:
         from qwen2_ref.memory import release_freed_memory

@@ -139,7 +139,7 @@ def test_real_greedy_speculation_equals_plain(real_exports):
     root, _ = real_exports
     target = Runner(root / "fp32", CPU2)
     draft = DraftModel(Runner(root / "int4", CPU2), 4, target)
-    params = target.default_config(max_new_tokens=48)
+    params = target.default_config(max_new_tokens=32)
     for prompt, chat in ((EDIT, True), ("Tell me about the history of the printing press.", True),
                          ("def merge_sort(items):\n", False)):
         ids = target.encode_prompt(prompt, chat)
