@@ -28,7 +28,7 @@ def quantizer_options(f):
         "--quantizer", type=click.Choice(["calibrated", "exact", "mixed", "rtn"]), default=None,
         help="int4: exact (default) = a GGUF's own blocks carried over (5/6/8-bit ones as 8-bit codes; float "
              "checkpoints: as rtn); calibrated = GPTQ 4-bit against the model's own activations on a calibration "
-             "text (needs the fp32 model in memory); mixed = per group of weights 4-bit or its wider form (a GGUF's "
+             "text (the fp32 model run a layer at a time); mixed = per group of weights 4-bit or its wider form (a GGUF's "
              "exact blocks, else 8-bit): the most bytes to 4-bit whose measured effect on the model's outputs "
              "stays within --max-kl (needs the fp32 model in memory; ONNX only); rtn = clip-searched "
              "round-to-nearest 4-bit everywhere (the smallest).")(f)
