@@ -6,6 +6,9 @@ greedy continuation of `def fibonacci(n):` with the stored `output.weight` head.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from qwen2_ref.generate import SamplingParams, generate_one
@@ -56,14 +59,11 @@ def test_greedy_matches_llama_cpp(real_model, real_tokenizer):
     assert real_tokenizer.decode(PROMPT_IDS + out) == LLAMA_CPP_GREEDY
 
 
-def test_generate_cli_prints_fibonacci(capsys):
-    """The CLI around the reference (the 64-token text itself is test_greedy_matches_llama_cpp's): 16 tokens. Run
-    in the test process, as `python -m qwen2_ref` runs it (tests/test_loaders.py runs that entry point in a
-    subprocess): a subprocess would load the 2.35 GiB reference into fresh memory, ~20 s more on the test VM."""
-    from qwen2_ref.__main__ import cli, run_cli
-
-    run_cli(cli, ["generate", "--prompt", PROMPT, "--max-new-tokens", "16"])
-    out, err = capsys.readouterr()
-    text = out.rstrip("\n")
+def test_generate_cli_prints_fibonacci():
+    """The CLI around the reference (the 64-token text itself is test_greedy_matches_llama_cpp's): 16 tokens."""
+    r = subprocess.run([sys.executable, "-m", "qwen2_ref", "generate", "--prompt", PROMPT, "--max-new-tokens", "16"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.rstrip("\n")
     assert len(text) > len(PROMPT) + 20 and LLAMA_CPP_GREEDY.startswith(text), text
-    assert "decode" in err and "tok/s" in err
+    assert "decode" in r.stderr and "tok/s" in r.stderr
