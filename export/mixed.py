@@ -159,9 +159,9 @@ class _Probe:
 
 
 def _low_forms(reference: StreamedReference, ids: list[int], cand: set[str], source) -> tuple[dict, dict]:
-    """One calibration forward (`calibrate.calibrate`'s hooks, a layer at a time in fp32): every candidate's 4-bit form by GPTQ against its
-    own inputs' H = E[x xᵀ], as Calibrated (q/k/v and gate/up, which read one input, in one sweep); and a float
-    checkpoint's wide forms (8-bit round-to-nearest), their error measured against the same H."""
+    """One calibration forward (`calibrate.calibrate`'s hooks, a layer at a time in fp32): every candidate's 4-bit
+    form by GPTQ against its own inputs' H = E[x xᵀ], as Calibrated (q/k/v and gate/up, which read one input, in one
+    sweep); and a float checkpoint's wide forms (8-bit round-to-nearest), their error measured against the same H."""
     wide: dict[str, Calibrated] = {}
     gptq = gptq_group(LOW)
 
@@ -213,8 +213,8 @@ def _held_aside_increase(model, chosen: list[Group], apply, ids: list[int]) -> f
 
 
 @torch.no_grad()
-def mixed_weights(ckpt, names: set[str], reference: StreamedReference,
-                  load_model: Callable[[], torch.nn.Module], text=None, max_kl: float | None = None) -> tuple[dict[str, Calibrated], dict]:
+def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_model: Callable[[], torch.nn.Module],
+                  text=None, max_kl: float | None = None) -> tuple[dict[str, Calibrated], dict]:
     """{param: Calibrated} for every weight written in a form other than the recipe-less default (4-bit where
     chosen; a float checkpoint's wide weights as 8-bit), and the report's account of the choice. GPTQ runs on
     `reference` (the fp32 reference a layer at a time); the sensitivities on `load_model()`, loaded after it."""
