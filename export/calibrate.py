@@ -202,17 +202,17 @@ def calibrate(reference, ids: list[int], quantize: "GroupQuantizer", names: set[
     x = ref.embed(x_ids)
     kv = x.new_zeros(B, cfg.num_key_value_heads, 0, cfg.head_dim)
     pending: list = []  # [input tensor, [(name, weight), ...]]: the group whose input was seen last
+
+    def seen(pname: str, w: torch.Tensor, inputs: torch.Tensor) -> None:
+        if pending and pending[0] is not inputs:
+            flush(*pending)
+            pending.clear()
+        if not pending:
+            pending.extend([inputs, []])
+        pending[1].append((pname, w))
+
     for i, prefix in enumerate(layer_names):
         layer = ref.layer(i)
-
-        def seen(pname: str, w: torch.Tensor, inputs: torch.Tensor) -> None:
-            if pending and pending[0] is not inputs:
-                flush(*pending)
-                pending.clear()
-            if not pending:
-                pending.extend([inputs, []])
-            pending[1].append((pname, w))
-
         hooks = [mod.register_forward_hook(lambda m, a, o, p=f"{prefix}{mname}.weight": seen(p, m.weight, a[0]))
                  for mname, mod in layer.named_modules()
                  if isinstance(mod, torch.nn.Linear) and f"{prefix}{mname}.weight" in names]
@@ -285,7 +285,7 @@ def keep_exact(results: dict[str, Calibrated], source, threshold: float | None =
 
 
 # Models whose fp32 reference is bigger than this are quantized without calibration (the mixed recipe holds the
-# reference in memory to measure on, at bf16 or fp32; GPTQ alone streams it a layer at a time).
+# fp32 reference in memory to measure on; GPTQ alone streams it a layer at a time).
 MAX_REFERENCE_BYTES = 6 * 2**30
 
 

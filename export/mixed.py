@@ -168,7 +168,8 @@ def _low_forms(reference: StreamedReference, ids: list[int], cand: set[str], sou
     def quantize(members: list[tuple[str, torch.Tensor]], h: torch.Tensor) -> dict[str, Calibrated]:
         for name, w in members:
             if wide_spec(source, name) is WIDE_FLOAT:
-                q = quantize_rtn(w if isinstance(w, torch.Tensor) else w.whole(), WIDE_FLOAT)
+                w = w if isinstance(w, torch.Tensor) else w.whole()  # a head's rows: read once
+                q = quantize_rtn(w, WIDE_FLOAT)
                 wide[name] = Calibrated(q, output_error(w, q, h))
         return gptq(members, h)
 

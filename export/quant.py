@@ -197,7 +197,7 @@ def quantize_gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_o
 
 
 def gptq(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, act_order: bool = False,
-         shrinks: tuple[float, ...] = _SHRINK) -> tuple[Quantized, torch.Tensor]:
+         shrinks: tuple[float, ...] = _SHRINK) -> tuple[Quantized, torch.Tensor, torch.Tensor]:
     """`quantize_gptq`, and per row its output error ΔW H ΔWᵀ and output power W H Wᵀ (N,) on the calibration
     inputs. The error comes from the sweep's own errors: with E the scaled errors (err_i = (w_i − q_i) / U_ii as
     each column is rounded), ΔW = E U, so ΔW (H + λI) ΔWᵀ = E Eᵀ, and the damping's λ‖ΔW‖² is taken off.
@@ -280,22 +280,16 @@ def output_error(w: torch.Tensor, q: Quantized, hessian_or_diag: torch.Tensor, r
     (or its diagonal alone, which ignores correlations between input columns). A slice of `rows` rows at a time:
     whole, the LM head's temporaries would be several fp32 copies of it."""
     h = hessian_or_diag.to(torch.float32)
-    num = 0.0
+
+    def power(x: torch.Tensor) -> float:  # Σ x H xᵀ over the rows of x
+        return float((x.square() @ h).sum()) if h.dim() == 1 else float(((x @ h) * x).sum())
+
+    num = den = 0.0
     for r in range(0, w.shape[0], rows):
         wr = w[r:r + rows].detach().to(torch.float32)
-        dw = torch.from_numpy(q.rows(r, r + rows).dequantize()) - wr
-        num += float((dw.square() @ h).sum()) if h.dim() == 1 else float(((dw @ h) * dw).sum())
-    return num / max(output_power(w, h, rows), 1e-30)
-
-
-def output_power(w: torch.Tensor, hessian_or_diag: torch.Tensor, rows: int = 16384) -> float:
-    """E‖W x‖² on the calibration inputs, from H = E[x xᵀ] (or its diagonal), a slice of `rows` rows at a time."""
-    h = hessian_or_diag.to(torch.float32)
-    total = 0.0
-    for r in range(0, w.shape[0], rows):
-        wr = w[r:r + rows].detach().to(torch.float32)
-        total += float((wr.square() @ h).sum()) if h.dim() == 1 else float(((wr @ h) * wr).sum())
-    return total
+        num += power(torch.from_numpy(q.rows(r, r + rows).dequantize()) - wr)
+        den += power(wr)
+    return num / max(den, 1e-30)
 
 
 # ---- carried over from GGUF blocks -----------------------------------------------------------------------------
