@@ -22,15 +22,17 @@ def quantizer_options(f):
     """int4's recipe flags, the same for ONNX and Core ML."""
     f = click.option("--requantize", is_flag=True, help="Same as --quantizer rtn.")(f)
     f = click.option("--calibration", type=click.Path(), default=None,
-                     help="Text file the calibrated and mixed quantizers run the model on (default: the one "
+                     help="Text file the calibrated, head and mixed quantizers run the model on (default: the one "
                           "shipped in export/data; never the text you evaluate on).")(f)
     return click.option(
-        "--quantizer", type=click.Choice(["calibrated", "exact", "mixed", "rtn"]), default=None,
-        help="int4: exact (default) = a GGUF's own blocks carried over (5/6/8-bit ones as 8-bit codes; float "
-             "checkpoints: as rtn); calibrated = GPTQ 4-bit against the model's own activations on a calibration "
-             "text (the fp32 model run a layer at a time); mixed = per group of weights 4-bit or its wider form (a GGUF's "
-             "exact blocks, else 8-bit): the most bytes to 4-bit whose measured effect on the model's outputs "
-             "stays within --max-kl (needs the fp32 model in memory; ONNX only); rtn = clip-searched "
+        "--quantizer", type=click.Choice(["calibrated", "exact", "head", "mixed", "rtn"]), default=None,
+        help="int4: head (ONNX's default) = as exact, but the LM head, the largest weight read per token, 4-bit "
+             "(GPTQ on a calibration text, the fp32 model streamed a layer at a time) when its measured effect on "
+             "the model's outputs stays within --max-kl (ONNX only); exact (Core ML's default) = a GGUF's own blocks "
+             "carried over (5/6/8-bit ones as 8-bit codes; float checkpoints: as rtn); calibrated = GPTQ 4-bit "
+             "everywhere; mixed = per group of weights 4-bit or its wider form (a GGUF's exact blocks, else 8-bit): "
+             "the most bytes to 4-bit whose measured effect stays within --max-kl (needs the fp32 model in "
+             "memory; ONNX only); rtn = clip-searched "
              "round-to-nearest 4-bit everywhere (the smallest).")(f)
 
 
@@ -86,7 +88,8 @@ def cli() -> None:
 @click.option("--random-weights", is_flag=True, help="Random weights: architecture-only work, no checkpoint.")
 @quantizer_options
 @click.option("--max-kl", type=float, default=None,
-              help="--quantizer mixed: how far the 4-bit choice may move the model's next-token distributions, "
+              help="--quantizer head and mixed: how far the 4-bit choice may move the model's next-token "
+                   "distributions, "
                    "mean KL divergence in nats per token on the calibration text (default 0.01; 0: nothing "
                    "4-bit that costs anything; larger: smaller and faster, less exact).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")

@@ -166,15 +166,29 @@ class _Resident:
         return self.model.lm_head.weight
 
 
-@torch.no_grad()
 def calibrate(reference, ids: list[int], quantize: "GroupQuantizer", names: set[str]) -> dict[str, object]:
     """Run the fp32 reference (a model in memory, or a StreamedReference) over `ids` in sequences of SEQUENCE
     tokens, batched, one decoder layer at a time. Linear weights in `names` that read the same input (q/k/v;
     gate/up) form a group; `quantize([(name, weight), ...], H)` is called once per group with H = E[x xᵀ] (K, K)
     of that input and returns {name: result}. The LM head's input is the final norm's output. Returns all
     results."""
+    return calibrate_carrying(reference, ids, quantize, names, None)[0]
+
+
+def _forward_context(ref, B: int, T: int):
     from qwen2_ref.model import _Context
 
+    mask = torch.ones(B, T, dtype=torch.long)
+    return _Context(ref.config, ref.rope_inv_freq, ref.rope_scale, torch.arange(T)[None].expand(B, T), mask, 0)
+
+
+@torch.no_grad()
+def calibrate_carrying(reference, ids: list[int], quantize: "GroupQuantizer", names: set[str],
+                       carry: list[int] | None) -> tuple[dict[str, object], torch.Tensor | None]:
+    """`calibrate`, and `carry` (token ids never fitted on, one sequence) run along through the same layers:
+    returns the results and the carried tokens' final-norm outputs (1, len(carry), hidden), or None. A second
+    sequence through each layer as it is built costs a fraction of a second pass, which would build every layer
+    again. With no `ids` only the carried tokens run (a plain streamed forward)."""
     ref = reference if isinstance(reference, StreamedReference) else _Resident(reference)
     cfg = ref.config
     results: dict[str, object] = {}
@@ -196,14 +210,18 @@ def calibrate(reference, ids: list[int], quantize: "GroupQuantizer", names: set[
             console.print(f"  calibrated {done[0]}/{total} weights ({el:.0f} s, ETA "
                           f"{el / done[0] * (total - done[0]):.0f} s)", end="\r")
 
-    status(f"calibrating {total} weights on {x_ids.numel()} tokens ({B} x {T}) ...")
-    mask = torch.ones(B, T, dtype=torch.long)
-    ctx = _Context(cfg, ref.rope_inv_freq, ref.rope_scale, torch.arange(T)[None].expand(B, T), mask, 0)
-    x = ref.embed(x_ids)
-    kv = x.new_zeros(B, cfg.num_key_value_heads, 0, cfg.head_dim)
+    if ids:
+        status(f"calibrating {total} weights on {x_ids.numel()} tokens ({B} x {T}) ...")
+        ctx, x = _forward_context(ref, B, T), ref.embed(x_ids)
+    kv = torch.zeros(B, cfg.num_key_value_heads, 0, cfg.head_dim)
+    if carry is not None:
+        c_ctx, c = _forward_context(ref, 1, len(carry)), ref.embed(torch.tensor([carry]))
     pending: list = []  # [input tensor, [(name, weight), ...]]: the group whose input was seen last
+    hooked = [True]  # off while the carried tokens run
 
     def seen(pname: str, w: torch.Tensor, inputs: torch.Tensor) -> None:
+        if not hooked[0]:
+            return
         if pending and pending[0] is not inputs:
             flush(*pending)
             pending.clear()
@@ -217,17 +235,23 @@ def calibrate(reference, ids: list[int], quantize: "GroupQuantizer", names: set[
                  for mname, mod in layer.named_modules()
                  if isinstance(mod, torch.nn.Linear) and f"{prefix}{mname}.weight" in names]
         try:
-            x, _ = layer(x, ctx, (kv, kv))
+            if ids:
+                x, _ = layer(x, ctx, (kv, kv))
             if pending:
                 flush(*pending)
+            if carry is not None:
+                hooked[0] = False
+                c, _ = layer(c, c_ctx, (kv[:1], kv[:1]))
+                hooked[0] = True
         finally:
             pending.clear()
             for h in hooks:
                 h.remove()
         del layer
-    if head in names:
-        flush(ref.norm()(x), [(head, ref.head())])
-    return results
+    norm = ref.norm()
+    if head in names and ids:
+        flush(norm(x), [(head, ref.head())])
+    return results, (norm(c) if carry is not None else None)
 
 
 def gptq_group(spec: QuantSpec, act_order: bool = False, **kw) -> "GroupQuantizer":
@@ -284,8 +308,9 @@ def keep_exact(results: dict[str, Calibrated], source, threshold: float | None =
     return {n for n, c in results.items() if c.error > threshold and source.tensor_type(n) in GGUF_EXACT}
 
 
-# Models whose fp32 reference is bigger than this are quantized without calibration (the mixed recipe holds the
-# fp32 reference in memory to measure on; GPTQ alone streams it a layer at a time).
+# Models whose fp32 reference is bigger than this are quantized without calibration: the mixed recipe holds the
+# fp32 reference in memory to measure on; the others stream it a layer at a time, but its forward over the
+# calibration text grows with the model (the real 0.5B: the head recipe's whole pass, 36 s on 2 cores).
 MAX_REFERENCE_BYTES = 6 * 2**30
 
 

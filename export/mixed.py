@@ -42,8 +42,8 @@ import torch
 from qwen2_ref.progress import console, status
 
 from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, SEQUENCE, Calibrated,
-                        StreamedReference, calibrate, calibration_tokens, gptq_group)
-from .quant import GGUF_EXACT, QuantSpec, output_error, quantize_rtn
+                        StreamedReference, calibrate_carrying, calibration_tokens, gptq_group)
+from .quant import GGUF_EXACT, Quantized, QuantSpec, output_error, quantize_rtn
 
 # How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
 # the wide weights, nats per token, on calibration tokens GPTQ did not fit (--max-kl). Chosen on the calibration
@@ -86,6 +86,9 @@ class _HeadAsTable:
 
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self._name(name))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.source.shape(self._name(name)))
 
 
 def wide_spec(source, name: str) -> QuantSpec | None:
@@ -158,10 +161,12 @@ class _Probe:
         return total / logits.shape[0]
 
 
-def _low_forms(reference: StreamedReference, ids: list[int], cand: set[str], source) -> tuple[dict, dict]:
+def _low_forms(reference: StreamedReference, ids: list[int], cand: set[str], source,
+               carry: list[int] | None = None) -> tuple[dict, dict, torch.Tensor | None]:
     """One calibration forward (`calibrate.calibrate`'s hooks, a layer at a time in fp32): every candidate's 4-bit
     form by GPTQ against its own inputs' H = E[x xᵀ], as Calibrated (q/k/v and gate/up, which read one input, in one
-    sweep); and a float checkpoint's wide forms (8-bit round-to-nearest), their error measured against the same H."""
+    sweep); a float checkpoint's wide forms (8-bit round-to-nearest), their error measured against the same H; and
+    the final-norm outputs of the `carry` tokens (not fitted on) run along, or None."""
     wide: dict[str, Calibrated] = {}
     gptq = gptq_group(LOW)
 
@@ -173,7 +178,85 @@ def _low_forms(reference: StreamedReference, ids: list[int], cand: set[str], sou
                 wide[name] = Calibrated(q, output_error(w, q, h))
         return gptq(members, h)
 
-    return calibrate(reference, ids, quantize, cand), wide
+    low, final = calibrate_carrying(reference, ids, quantize, cand, carry)
+    return low, wide, final
+
+
+class _Embedded(StreamedReference):
+    """A StreamedReference whose embedding rows come from a quantized table (a tied head's 4-bit form)."""
+
+    def __init__(self, reference: StreamedReference, table):
+        super().__init__(reference.config, reference.source)
+        self.table = table
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        t, at = self.table, ids.reshape(-1).numpy()
+        rows = Quantized(t.codes[at], t.scales[at], t.zero_points[at], t.spec).dequantize()
+        return torch.from_numpy(rows).reshape(*ids.shape, -1)
+
+
+def _compare_heads(h_wide: torch.Tensor, h_low: torch.Tensor, wide_rows, low_rows, vocab: int,
+                   targets: torch.Tensor, rows: int = 16384) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position (T,): KL(wide ‖ low) of the next-token distributions logits = h · Wᵀ, and the NLL of
+    `targets` (−1: none) under each, the vocabulary a slice of `rows` head rows at a time (the whole logits of a
+    large vocabulary are never held, nor a whole fp32 head). KL = Σ p (a − b) − lse(a) + lse(b), with a, b the
+    wide and low logits and p = softmax(a), accumulated with running maxima."""
+    T = h_wide.shape[0]
+    m_a, z_a, s, m_b, z_b = (torch.full((T,), -math.inf), torch.zeros(T), torch.zeros(T),
+                             torch.full((T,), -math.inf), torch.zeros(T))
+    t_a, t_b = torch.zeros(T), torch.zeros(T)
+    for r in range(0, vocab, rows):
+        r1 = min(r + rows, vocab)
+        a, b = h_wide @ wide_rows(r, r1).T, h_low @ low_rows(r, r1).T  # (T, n)
+        new_a, new_b = torch.maximum(m_a, a.max(1).values), torch.maximum(m_b, b.max(1).values)
+        e_a, keep_a = torch.exp(a - new_a[:, None]), torch.exp(m_a - new_a)
+        z_a, s = z_a * keep_a + e_a.sum(1), s * keep_a + (e_a * (a - b)).sum(1)
+        z_b = z_b * torch.exp(m_b - new_b) + torch.exp(b - new_b[:, None]).sum(1)
+        m_a, m_b = new_a, new_b
+        hit = (targets >= r) & (targets < r1)
+        pos = hit.nonzero()[:, 0]
+        t_a[pos], t_b[pos] = a[pos, targets[pos] - r], b[pos, targets[pos] - r]
+    lse_a, lse_b = m_a + torch.log(z_a), m_b + torch.log(z_b)
+    return s / z_a - lse_a + lse_b, lse_a - t_a, lse_b - t_b
+
+
+def _choose_head(reference: StreamedReference, group: Group, low: dict, out: dict, final: torch.Tensor,
+                 sens: list[int], aside: list[int], allowed: float) -> float | None:
+    """The head-only choice, from the streamed pass's final-norm outputs (no model in memory): the head's KL on the
+    sensitivity tokens, its 4-bit form chosen when that is within `allowed`; returns the perplexity change on the
+    aside tokens (None when not chosen or none are aside). The carried sequence is the sensitivity tokens and then
+    the aside ones, so each aside token is predicted with the sensitivity tokens before it as context. A tied head
+    is also the export's embedding: its low side runs a second streamed pass from the 4-bit table's rows."""
+    p = group.params[0]
+    n = len(sens)
+    carried = sens + aside
+    h_wide = final[0]
+    h_low = _final_hidden(_Embedded(reference, low[p].quantized), carried)[0] if group.layer < 0 else h_wide
+    wide = out[p].quantized if p in out else None
+    head = reference.head()
+    targets = torch.tensor(carried[1:] + [-1])
+    targets[:n - 1] = -1  # NLL only where an aside token is predicted
+
+    def wide_rows(r0: int, r1: int) -> torch.Tensor:
+        return head[r0:r1] if wide is None else torch.from_numpy(wide.rows(r0, r1).dequantize())
+
+    def low_rows(r0: int, r1: int) -> torch.Tensor:
+        return torch.from_numpy(low[p].quantized.rows(r0, r1).dequantize())
+
+    kl, nll_wide, nll_low = _compare_heads(h_wide, h_low, wide_rows, low_rows, head.shape[0], targets)
+    group.kl = float(kl[:n].mean())
+    group.chosen = group.kl <= allowed
+    if not group.chosen or not aside:
+        return None
+    sel = targets >= 0
+    return math.expm1(float(nll_low[sel].mean() - nll_wide[sel].mean()))
+
+
+@torch.no_grad()
+def _final_hidden(reference, ids: list[int]) -> torch.Tensor:
+    """The final norm's output (1, T, hidden) over `ids`, one sequence, a layer at a time."""
+    _, final = calibrate_carrying(reference, [], None, set(), ids)
+    return final
 
 
 def _load(param: torch.Tensor, q, rows: int = 8192) -> None:
@@ -215,19 +298,30 @@ def _held_aside_increase(model, chosen: list[Group], apply, ids: list[int]) -> f
 
 @torch.no_grad()
 def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_model: Callable[[], torch.nn.Module],
-                  text=None, max_kl: float | None = None) -> tuple[dict[str, Calibrated], dict]:
+                  text=None, max_kl: float | None = None, scope: str = "all") -> tuple[dict[str, Calibrated], dict]:
     """{param: Calibrated} for every weight written in a form other than the recipe-less default (4-bit where
     chosen; a float checkpoint's wide weights as 8-bit), and the report's account of the choice. GPTQ runs on
-    `reference` (the fp32 reference a layer at a time); the sensitivities on `load_model()`, loaded after it."""
+    `reference` (the fp32 reference a layer at a time). `scope` "all": every group is a candidate, the sensitivities
+    measured on `load_model()`, loaded after GPTQ; "head": the LM head alone, measured from the streamed pass's
+    final-norm outputs (no model in memory: `_choose_head`)."""
     from qwen2_ref.memory import release_freed_memory
 
     cfg = reference.config  # a gate's truncation: its first layers, quantized as the whole model's export is
     if ckpt.config.num_parameters() * 4 > MAX_REFERENCE_BYTES:  # the whole model's size decides, as in the export
         gib = ckpt.config.num_parameters() * 4 / 2**30
-        status(f"note: the mixed recipe measures on the fp32 reference in memory ({gib:.0f} GiB); "
-               "this size is written as --quantizer exact (a GGUF's blocks, else round-to-nearest)")
+        status(f"note: the {'mixed' if scope == 'all' else 'head'} recipe runs on models whose fp32 reference is "
+               f"{MAX_REFERENCE_BYTES / 2**30:.0f} GiB or less (this one: {gib:.0f} GiB); this size is written as "
+               "--quantizer exact (a GGUF's blocks, else round-to-nearest)")
         return {}, {"method": "none: the fp32 reference is too large to measure on (written as --quantizer exact)"}
     t0 = time.perf_counter()
+    source = _HeadAsTable(ckpt.source) if cfg.tie_word_embeddings else ckpt.source
+    groups = [g for g in _groups(cfg, names, source) if scope == "all" or g.name == "head"]
+    method = {"all": "mixed: per group 4-bit (GPTQ) or its wide form, by measured sensitivity",
+              "head": "head: the LM head 4-bit (GPTQ) or its wide form, by measured sensitivity; every other "
+                      "weight as --quantizer exact"}[scope]
+    if not groups:
+        status("note: no weight has a wider form than 4-bit to choose from: written as --quantizer exact")
+        return {}, {"method": method, "groups": {}}
     ids, what = calibration_tokens(ckpt.tokenizer(), text, cfg.vocab_size,
                                    CALIBRATION_TOKENS + SENSITIVITY_TOKENS + ASIDE_TOKENS)
     fit, sens, aside = _split(ids)
@@ -237,19 +331,57 @@ def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_mode
         status(f"note: the calibration text has {len(ids)} tokens: each group's KL is measured on tokens GPTQ fitted, "
                f"which understates it, and the choice is not checked on unseen ones ({least} tokens or more measure "
                f"on unseen ones; {full} give every part its full share)")
-    source = _HeadAsTable(ckpt.source) if cfg.tie_word_embeddings else ckpt.source
-    groups = _groups(cfg, names, source)
     cand = [p for g in groups for p in g.params]
-    low, out = _low_forms(reference, fit, set(cand), source)
+    for g in groups:
+        for p in g.params:
+            n, k = source.shape(p)
+            g.saved += _bytes(wide_spec(source, p), n, k) - _bytes(LOW, n, k)
+    allowed = MIXED_BUDGET if max_kl is None else max_kl
+    low, out, final = _low_forms(reference, fit, set(cand), source, sens + aside if scope == "head" else None)
     release_freed_memory()
+    if scope == "head":
+        checked = _choose_head(reference, groups[0], low, out, final, sens, aside, allowed)
+        chosen = [g for g in groups if g.chosen]
+        combined = sum(g.kl for g in chosen)
+    else:
+        chosen, combined, checked = _choose_groups(groups, low, out, source, load_model, sens, aside, allowed)
+    for g in chosen:
+        g.chosen = True
+        for p in g.params:
+            out[p] = low[p]
+    saved = sum(g.saved for g in chosen)
+    total_wide = sum(g.saved for g in groups)
+    status(f"{scope == 'head' and 'head' or 'mixed'} 4-bit: {sum(len(g.params) for g in chosen)} of {len(cand)} "
+           f"weights to 4-bit ({saved / 2**20:.0f} of {total_wide / 2**20:.0f} MiB that could be saved), KL to the "
+           f"wide weights {combined:.4f} nats/token on the calibration text (--max-kl {allowed:.4f}); "
+           + (f"perplexity {checked * 100:+.2f}% on {len(aside)} calibration tokens held aside from the choice"
+              if checked is not None else "")
+           + f" in {time.perf_counter() - t0:.0f} s")
+    info = {"method": method,
+            "bits": LOW.bits, "block": LOW.block, "text": what, "tokens": len(fit),
+            "sensitivity_tokens": len(sens), "sensitivity_on_fitted_tokens": overlap,
+            "max_kl": allowed,
+            "kl": float(f"{combined:.6g}"),
+            "saved_mib": round(saved / 2**20, 1),
+            "groups": {g.name: {"weights": len(g.params), "kl": float(f"{g.kl:.6g}"),
+                                "saved_mib": round(g.saved / 2**20, 2), "choice": "4-bit" if g.chosen else "wide"}
+                       for g in groups},
+            "held_aside_perplexity_increase": None if checked is None else round(checked, 6),
+            "held_aside_tokens": len(aside), "seconds": round(time.perf_counter() - t0, 1)}
+    return out, info
+
+
+def _choose_groups(groups: list[Group], low: dict, out: dict, source, load_model, sens: list[int],
+                   aside: list[int], allowed: float) -> tuple[list[Group], float, float | None]:
+    """Every group's KL measured on the fp32 model in memory (`_Probe`), the choice by KL per byte saved within
+    `allowed`, then checked together. Returns the chosen groups, their combined KL and the perplexity change on
+    the aside tokens (None when there are none)."""
+    from qwen2_ref.memory import release_freed_memory
+
     model = load_model()
     try:
         params = dict(model.named_parameters())
         params.setdefault("lm_head.weight", model.lm_head.weight)
-        for g in groups:
-            for p in g.params:
-                n, k = params[p].shape
-                g.saved += _bytes(wide_spec(source, p), n, k) - _bytes(LOW, n, k)
         for p, c in out.items():
             _load(params[p], c.quantized)  # sensitivities are measured against the wide form
         probe = _Probe(model, torch.tensor([sens]))
@@ -274,7 +406,6 @@ def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_mode
                 el = time.perf_counter() - t1
                 console.print(f"  measured {j + 1}/{len(groups)} groups ({el:.0f} s, ETA "
                               f"{el / (j + 1) * (len(groups) - j - 1):.0f} s)", end="\r")
-        allowed = MIXED_BUDGET if max_kl is None else max_kl
         chosen, total = [], 0.0
         for g in sorted(groups, key=lambda g: g.kl / max(g.saved, 1)):
             if total + g.kl <= allowed:
@@ -286,30 +417,7 @@ def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_mode
             apply([chosen.pop()], "wide")
             combined = probe.kl(-1)
         checked = _held_aside_increase(model, chosen, apply, aside) if len(aside) > 1 else None
-        for g in chosen:
-            g.chosen = True
-            for p in g.params:
-                out[p] = low[p]
-        saved = sum(g.saved for g in chosen)
-        total_wide = sum(g.saved for g in groups)
-        status(f"mixed 4-bit: {sum(len(g.params) for g in chosen)} of {len(cand)} weights to 4-bit "
-               f"({saved / 2**20:.0f} of {total_wide / 2**20:.0f} MiB that could be saved), KL to the wide "
-               f"weights {combined:.4f} nats/token on the calibration text (--max-kl {allowed:.4f}); "
-               + (f"perplexity {checked * 100:+.2f}% on {len(aside)} calibration tokens held aside from the choice"
-                  if checked is not None else "")
-               + f" in {time.perf_counter() - t0:.0f} s")
     finally:
         del model
         release_freed_memory()
-    info = {"method": "mixed: per group 4-bit (GPTQ) or its wide form, by measured sensitivity",
-            "bits": LOW.bits, "block": LOW.block, "text": what, "tokens": len(fit),
-            "sensitivity_tokens": len(sens), "sensitivity_on_fitted_tokens": overlap,
-            "max_kl": allowed,
-            "kl": float(f"{combined:.6g}"),
-            "saved_mib": round(saved / 2**20, 1),
-            "groups": {g.name: {"weights": len(g.params), "kl": float(f"{g.kl:.6g}"),
-                                "saved_mib": round(g.saved / 2**20, 2), "choice": "4-bit" if g.chosen else "wide"}
-                       for g in groups},
-            "held_aside_perplexity_increase": None if checked is None else round(checked, 6),
-            "held_aside_tokens": len(aside), "seconds": round(time.perf_counter() - t0, 1)}
-    return out, info
+    return chosen, combined, checked

@@ -26,11 +26,17 @@ LOWERINGS = ("fused", "function")
 # bias (optimum's convention), "seqlens" = per-row lengths and no bias (onnxruntime-genai's; ORT's fast CUDA paths)
 ATTENTION = ("bias", "seqlens")
 # ONNX 4-bit quantizers (--quantizer) and the recipe each one puts in the plan
-QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "mixed": "mixed", "rtn": "requantize"}
-CALIBRATED_RECIPES = ("calibrated", "mixed")  # the recipes that run the model on a calibration text
-# exact: a GGUF's own blocks (no re-quantization error), floats round-to-nearest. Not "calibrated" yet: on the
-# real 0.5B its GPTQ pass takes minutes and ~6 GiB (the fp32 reference in memory) and still costs ~+5% perplexity.
-DEFAULT_QUANTIZER = "exact"  # ONNX: ONNX Runtime's fused kernels, or standard ops + our domain's functions
+QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "head": "head", "mixed": "mixed",
+              "rtn": "requantize"}
+CALIBRATED_RECIPES = ("calibrated", "head", "mixed")  # the recipes that run the model on a calibration text
+CHOOSING_RECIPES = ("head", "mixed")  # ONNX only: 4-bit or wide per group, by measured sensitivity (--max-kl)
+# ONNX int4's default, head: every weight as exact (a GGUF's own blocks, no re-quantization error; floats
+# round-to-nearest), except the LM head, the largest weight read per token, 4-bit by GPTQ when its measured KL is
+# within --max-kl. On the real 0.5B GGUF (README): decode +20% over exact for +0.4 points of perplexity, the export
+# 74 s and 1.8 GiB. Not mixed (more 4-bit, +1.3%: the fp32 model in memory, minutes) nor calibrated (+4.5%).
+# exact where head does not apply: Core ML (no sensitivity recipe there), the GPU layouts' fp16 activations (the
+# measurement is of fp32 ones), models whose fp32 reference exceeds MAX_REFERENCE_BYTES (not calibrated).
+DEFAULT_QUANTIZER = "head"
 DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says
     "onnx": {"device": None, "dtype": "fp32", "lowering": "fused"},
     "coreml": {"device": "iphone-15-pro", "dtype": "int4", "context": 4096},
@@ -56,7 +62,8 @@ class ExportPlan:
     precision: Precision
     recipe: str | None  # quantized precisions: "calibrated" (GPTQ against the reference's inputs on a calibration
     # text; a GGUF keeps its exact blocks where they are worth their bits), "mixed" (per group 4-bit or its wide
-    # form, by measured sensitivity: export/mixed.py), "gguf-exact" (a GGUF keeps its blocks
+    # form, by measured sensitivity: export/mixed.py), "head" (the same choice for the LM head alone, the rest
+    # as "gguf-exact"), "gguf-exact" (a GGUF keeps its blocks
     # where the target can run them), "requantize" (plain round-to-nearest from floats) or "palettize" (Core ML
     # k-means tables); None for floats
     lowering: str | None  # ONNX: "fused" | "function"; Core ML: None
@@ -68,7 +75,7 @@ class ExportPlan:
     overrides: tuple[str, ...] = field(default=())  # "--dtype fp16 overrides device profile l4's int4", ...
     calibration: Path | None = None  # the calibrated recipe's text (None: the one shipped in export/data)
     attention: str = "bias"  # ONNX fused lowering: "bias" | "seqlens" (ATTENTION)
-    max_kl: float | None = None  # the mixed recipe's budget (None: export/mixed.py's MIXED_BUDGET)
+    max_kl: float | None = None  # the head and mixed recipes' budget (None: export/mixed.py's MIXED_BUDGET)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -139,6 +146,13 @@ def _attention(cfg, prof: devices.DeviceProfile | None, attention: str | None, l
     return layout
 
 
+def _default_quantizer(target: str, cfg: ModelArgs, prec: Precision) -> str:
+    from .calibrate import MAX_REFERENCE_BYTES
+
+    fits = cfg.num_parameters() * 4 <= MAX_REFERENCE_BYTES
+    return DEFAULT_QUANTIZER if target == "onnx" and prec.activations == "fp32" and fits else "exact"
+
+
 def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
               device: str | devices.DeviceProfile | None = None,
               context: int | None = None, lowering: str | None = None, requantize: bool = False,
@@ -188,14 +202,14 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
     if target == "coreml" and prec.quantized and prec.name != "int4":  # int8 per channel, palettize4: from floats
         recipe = "palettize" if prec.weights.scheme == "palette" else "requantize"
     else:
-        recipe = QUANTIZERS[quantizer or DEFAULT_QUANTIZER] if prec.quantized else None
+        recipe = QUANTIZERS[quantizer or _default_quantizer(target, cfg, prec)] if prec.quantized else None
     if calibration is not None and recipe not in CALIBRATED_RECIPES:
-        raise Qwen2Error("--calibration applies to the calibrated and mixed quantizers (int4, --quantizer calibrated "
-                         "or mixed)")
-    if recipe == "mixed" and target != "onnx":
-        raise Qwen2Error("--quantizer mixed applies to ONNX int4 (Core ML int4 takes exact, calibrated or rtn)")
-    if max_kl is not None and recipe != "mixed":
-        raise Qwen2Error("--max-kl applies to the mixed quantizer (ONNX int4, --quantizer mixed)")
+        raise Qwen2Error("--calibration applies to the calibrated, head and mixed quantizers (int4, --quantizer "
+                         "calibrated, head or mixed)")
+    if recipe in CHOOSING_RECIPES and target != "onnx":
+        raise Qwen2Error(f"--quantizer {recipe} applies to ONNX int4 (Core ML int4 takes exact, calibrated or rtn)")
+    if max_kl is not None and recipe not in CHOOSING_RECIPES:
+        raise Qwen2Error("--max-kl applies to the head and mixed quantizers (ONNX int4, --quantizer head or mixed)")
     if max_kl is not None and not 0 <= max_kl < float("inf"):
         raise Qwen2Error(f"--max-kl {max_kl}: expected a finite number of nats per token, 0 or more")
     if calibration is not None and not Path(calibration).expanduser().is_file():  # before any work, not at build

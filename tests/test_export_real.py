@@ -38,8 +38,13 @@ def test_int4_export_quality(real_exports, real_tokenizer, text_ids):
     root, reports = real_exports
     rep = reports["int4"]
     assert rep["parity"]["passed"]
-    # every weight kept its GGUF grid: 4-bit where the file is 4-bit, 8-bit codes for its 5/6/8-bit tensors
+    # the default recipe (head): every weight but the LM head kept its GGUF grid (4-bit where the file is 4-bit,
+    # 8-bit codes for its 5/6/8-bit tensors); the head (Q8_0 in the file) measured and written 4-bit by GPTQ
+    head = rep["quantized"].pop("lm_head.weight")
     assert {q["from"] for q in rep["quantized"].values()} == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    assert (head["from"], head["bits"]) == ("mixed", 4), head
+    cal = rep["calibration"]
+    assert cal["groups"]["head"]["choice"] == "4-bit" and 0 < cal["kl"] <= cal["max_kl"], cal
     results = {}
     for dtype in ("fp32", "int4"):  # one session at a time
         sess = session(root / dtype)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.calibrate import MIN_TOKENS
-from export.mixed import _groups, _Probe, _split
+from export.mixed import _compare_heads, _groups, _Probe, _split
 from export.onnx import dequantized_reference, export_onnx, reference_model
 from export.plan import make_plan
 from export.tolerances import TINY_INT4_DEQUANTIZED
@@ -180,6 +180,60 @@ def test_plan_refusals():
     for target, kw, msg in (("onnx", {"quantizer": "exact", "max_kl": 0.01}, "--max-kl applies"),
                             ("onnx", {"quantizer": "mixed", "max_kl": -1.0}, "--max-kl -1.0"),
                             ("onnx", {"quantizer": "mixed", "max_kl": float("nan")}, "--max-kl nan"),
-                            ("coreml", {"quantizer": "mixed"}, "--quantizer mixed applies to ONNX")):
+                            ("coreml", {"quantizer": "mixed"}, "--quantizer mixed applies to ONNX"),
+                            ("coreml", {"quantizer": "head"}, "--quantizer head applies to ONNX")):
         with pytest.raises(Qwen2Error, match=msg):
             make_plan(target, ckpt, dtype="int4", **kw)
+
+
+def _head_kl(ckpt, tmp_path, quantizer: str, max_kl: float) -> tuple[dict, object]:
+    out = tmp_path / f"{quantizer}-{max_kl}"
+    report = export_onnx(ckpt, make_plan("onnx", ckpt, dtype="int4", quantizer=quantizer, max_kl=max_kl, out=out,
+                                         verify=False))
+    return report, out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_recipe_measures_what_the_whole_model_measures(tied, gguf_ckpt, mixed, tmp_path):
+    """`--quantizer head` measures the head's KL from the streamed pass's final-norm outputs, no model in memory (a
+    tied table: a second streamed pass from its 4-bit rows); that equals the KL `mixed` measures on the fp32 model
+    with the same 4-bit form, and the export computes what the report says it wrote. (GGUF sources: every other
+    weight's exact blocks are the reference's values, so both measure against the same model.)"""
+    ckpt = open_checkpoint(write_tiny_gguf(tmp_path / "tied.gguf", "tiny")) if tied else gguf_ckpt
+    whole = _head_kl(ckpt, tmp_path, "mixed", 1e9)[0] if tied else mixed(1e9)[1]
+    report, out = _head_kl(ckpt, tmp_path, "head", 1e9)
+    cal = report["calibration"]
+    assert list(cal["groups"]) == ["head"] and cal["method"].startswith("head")
+    kl = cal["groups"]["head"]["kl"]
+    assert kl > 1e-5 and kl == pytest.approx(whole["calibration"]["groups"]["head"]["kl"], rel=1e-3)
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert report["quantized"][head]["from"] == "mixed"
+    others = {q["from"] for n, q in report["quantized"].items() if n != head}
+    assert "mixed" not in others  # every other weight as --quantizer exact
+    assert cal["held_aside_tokens"] > 0 and cal["held_aside_perplexity_increase"] is not None
+    ref = dequantized_reference(ckpt, report, out)
+    d = onnx_parity(out, ref, PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+    assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
+
+
+def test_head_recipe_keeps_a_head_over_budget_wide(gguf_ckpt, tmp_path):
+    report, _ = _head_kl(gguf_ckpt, tmp_path, "head", 0.0)
+    assert report["calibration"]["groups"]["head"]["choice"] == "wide"
+    assert report["calibration"]["held_aside_perplexity_increase"] is None
+    assert {q["from"] for q in report["quantized"].values()} <= set(TYPES.values()) | {"Q8_0", "Q4_0"}
+
+
+def test_head_comparison_over_vocabulary_slices_equals_whole_softmax():
+    """`_compare_heads` (running maxima over slices of head rows) gives the KL and NLLs of whole softmaxes."""
+    g = torch.Generator().manual_seed(4)
+    T, H, V = 9, 16, 53
+    hw, hl = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
+    ww, wl = 3 * torch.randn(V, H, generator=g), 3 * torch.randn(V, H, generator=g)
+    targets = torch.randint(0, V, (T,), generator=g)
+    targets[:3] = -1
+    kl, nll_w, nll_l = _compare_heads(hw, hl, lambda a, b: ww[a:b], lambda a, b: wl[a:b], V, targets, rows=7)
+    a, b = torch.log_softmax(hw @ ww.T, -1), torch.log_softmax(hl @ wl.T, -1)
+    assert torch.allclose(kl, (a.exp() * (a - b)).sum(-1), rtol=1e-4, atol=1e-5)
+    sel = targets >= 0
+    assert torch.allclose(nll_w[sel], -a[sel, targets[sel]], rtol=1e-5)
+    assert torch.allclose(nll_l[sel], -b[sel, targets[sel]], rtol=1e-5)

@@ -180,7 +180,12 @@ def test_default_calibration_text_is_shipped_and_held_out(real_tokenizer):
 
 def test_plan_quantizer_choices():
     ckpt = random_checkpoint("tiny")
-    assert make_plan("onnx", ckpt, dtype="int4").recipe == "gguf-exact"
+    # the default: head for ONNX int4 with fp32 activations; exact for Core ML, GPU layouts and large models
+    assert make_plan("onnx", ckpt, dtype="int4").recipe == "head"
+    assert make_plan("coreml", ckpt, dtype="int4").recipe == "gguf-exact"
+    assert make_plan("onnx", ckpt, dtype="int4", activations="fp16").recipe == "gguf-exact"
+    assert make_plan("onnx", random_checkpoint("7b"), dtype="int4").recipe == "gguf-exact"
+    assert make_plan("onnx", random_checkpoint("1.5b"), dtype="int4").recipe == "head"
     assert make_plan("onnx", ckpt, dtype="int4", quantizer="calibrated").recipe == "calibrated"
     assert make_plan("onnx", ckpt, dtype="int4", quantizer="rtn").recipe == "requantize"
     assert make_plan("onnx", ckpt, dtype="int4", requantize=True).recipe == "requantize"

@@ -25,7 +25,7 @@ from ..calibrate import MAX_REFERENCE_BYTES, StreamedReference, calibrated_weigh
 from ..mixed import mixed_weights
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
-from ..plan import CALIBRATED_RECIPES, ExportPlan, make_plan
+from ..plan import CALIBRATED_RECIPES, CHOOSING_RECIPES, ExportPlan, make_plan
 from ..precision import quantizable
 from ..quant import QuantSpec
 from ..sizing import weight_bytes
@@ -163,9 +163,9 @@ def _calibrated(ckpt: Checkpoint, plan: ExportPlan, model: ir.Model, num_layers:
         names.add("lm_head.weight")
     cfg = ckpt.config if num_layers is None else ckpt.config.replace(num_hidden_layers=num_layers)
     reference = StreamedReference(cfg, ckpt.source)
-    if plan.recipe == "mixed":
+    if plan.recipe in CHOOSING_RECIPES:
         out = mixed_weights(ckpt, names, reference, lambda: reference_model(ckpt, num_layers),
-                            plan.calibration, plan.max_kl)
+                            plan.calibration, plan.max_kl, scope="all" if plan.recipe == "mixed" else "head")
     else:
         out = calibrated_weights(ckpt, names, reference, plan.calibration)
     if tied and "lm_head.weight" in out[0]:
