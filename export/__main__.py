@@ -26,7 +26,8 @@ def quantizer_options(f):
                           "shipped in export/data; never the text you evaluate on).")(f)
     return click.option(
         "--quantizer", type=click.Choice(["calibrated", "exact", "head", "mixed", "rtn"]), default=None,
-        help="int4: head (ONNX's default) = as exact, but the LM head, the largest weight read per token, 4-bit "
+        help="int4: head (ONNX's default from a GGUF with its tokenizer, fp32 activations, up to ~1.5B; else "
+             "exact) = as exact, but the LM head, the largest weight read per token, 4-bit "
              "(GPTQ on a calibration text, the fp32 model streamed a layer at a time) when its measured effect on "
              "the model's outputs stays within --max-kl (ONNX only); exact (Core ML's default) = a GGUF's own blocks "
              "carried over (5/6/8-bit ones as 8-bit codes; float checkpoints: as rtn); calibrated = GPTQ 4-bit "

@@ -28,6 +28,12 @@ understates what a group does to new text (tried: the choice then took 188 MiB a
 
 The report's `calibration` section records each group's KL, bytes saved and choice; `quantized` the form each
 tensor was written in (`"from": "mixed"` for the chosen 4-bit ones).
+
+`--quantizer head` (ONNX int4's default from a GGUF, `scope="head"`): the same choice for one group, the LM head,
+without the model in memory. Steps 2-3 come from the GPTQ pass itself: the sensitivity and aside tokens, as one
+sequence, ride along through each layer as it is built (`calibrate.calibrate_carrying`), and the head's KL and the
+aside perplexity change are computed from their final-norm outputs, a slice of vocabulary rows at a time
+(`_compare_heads`). A tied head takes a second streamed pass from its 4-bit table's rows.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ import torch
 from qwen2_ref.progress import console, status
 
 from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, SEQUENCE, Calibrated,
-                        StreamedReference, calibrate_carrying, calibration_tokens, gptq_group)
+                        StreamedReference, _forward_context, _Resident, calibrate_carrying, calibration_tokens,
+                        gptq_group)
 from .quant import GGUF_EXACT, Quantized, QuantSpec, output_error, quantize_rtn
 
 # How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
@@ -124,15 +131,10 @@ class _Probe:
     tokens, and their KL divergence from a reference set of them."""
 
     def __init__(self, model, ids: torch.Tensor):
-        from qwen2_ref.model import _Context
-
         self.model, self.ids = model, ids
         self.ref: torch.Tensor | None = None
-        B, T = ids.shape
-        mask = torch.ones(B, T, dtype=torch.long)
-        pos = torch.arange(T)[None].expand(B, T)
-        self.ctx = _Context(model.config, model.rope_inv_freq, model._rope_scale, pos, mask, 0)
-        self.empty = model.empty_past(B)
+        self.ctx = _forward_context(_Resident(model), *ids.shape)
+        self.empty = model.empty_past(ids.shape[0])
         self.hidden: list[torch.Tensor] = []  # input of layer i; [L]: the last layer's output
         x = model.model.embed_tokens(ids)
         for i, layer in enumerate(model.model.layers):
@@ -226,13 +228,15 @@ def _choose_head(reference: StreamedReference, group: Group, low: dict, out: dic
     sensitivity tokens, its 4-bit form chosen when that is within `allowed`; returns the perplexity change on the
     aside tokens (None when not chosen or none are aside). The carried sequence is the sensitivity tokens and then
     the aside ones, so each aside token is predicted with the sensitivity tokens before it as context. A tied head
-    is also the export's embedding: its low side runs a second streamed pass from the 4-bit table's rows."""
+    is also the export's embedding: its low side runs a second streamed pass from the 4-bit table's rows (and its
+    wide side, when that is a float checkpoint's 8-bit table rather than the reference's own values)."""
     p = group.params[0]
     n = len(sens)
     carried = sens + aside
-    h_wide = final[0]
-    h_low = _final_hidden(_Embedded(reference, low[p].quantized), carried)[0] if group.layer < 0 else h_wide
-    wide = out[p].quantized if p in out else None
+    wide = out[p].quantized if p in out else None  # a float checkpoint's 8-bit form; None: the file's blocks
+    tied = group.layer < 0
+    h_wide = _final_hidden(_Embedded(reference, wide), carried)[0] if tied and wide is not None else final[0]
+    h_low = _final_hidden(_Embedded(reference, low[p].quantized), carried)[0] if tied else h_wide
     head = reference.head()
     targets = torch.tensor(carried[1:] + [-1])
     targets[:n - 1] = -1  # NLL only where an aside token is predicted
@@ -354,9 +358,9 @@ def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_mode
     status(f"{scope == 'head' and 'head' or 'mixed'} 4-bit: {sum(len(g.params) for g in chosen)} of {len(cand)} "
            f"weights to 4-bit ({saved / 2**20:.0f} of {total_wide / 2**20:.0f} MiB that could be saved), KL to the "
            f"wide weights {combined:.4f} nats/token on the calibration text (--max-kl {allowed:.4f}); "
-           + (f"perplexity {checked * 100:+.2f}% on {len(aside)} calibration tokens held aside from the choice"
+           + (f"perplexity {checked * 100:+.2f}% on {len(aside)} calibration tokens held aside from the choice; "
               if checked is not None else "")
-           + f" in {time.perf_counter() - t0:.0f} s")
+           + f"{time.perf_counter() - t0:.0f} s")
     info = {"method": method,
             "bits": LOW.bits, "block": LOW.block, "text": what, "tokens": len(fit),
             "sensitivity_tokens": len(sens), "sensitivity_on_fitted_tokens": overlap,

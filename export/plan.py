@@ -30,12 +30,11 @@ QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "head": "head",
               "rtn": "requantize"}
 CALIBRATED_RECIPES = ("calibrated", "head", "mixed")  # the recipes that run the model on a calibration text
 CHOOSING_RECIPES = ("head", "mixed")  # ONNX only: 4-bit or wide per group, by measured sensitivity (--max-kl)
-# ONNX int4's default, head: every weight as exact (a GGUF's own blocks, no re-quantization error; floats
-# round-to-nearest), except the LM head, the largest weight read per token, 4-bit by GPTQ when its measured KL is
-# within --max-kl. On the real 0.5B GGUF (README): decode +20% over exact for +0.4 points of perplexity, the export
-# 74 s and 1.8 GiB. Not mixed (more 4-bit, +1.3%: the fp32 model in memory, minutes) nor calibrated (+4.5%).
-# exact where head does not apply: Core ML (no sensitivity recipe there), the GPU layouts' fp16 activations (the
-# measurement is of fp32 ones), models whose fp32 reference exceeds MAX_REFERENCE_BYTES (not calibrated).
+# ONNX int4's default, head: every weight as exact (a GGUF's own blocks, no re-quantization error), except the LM
+# head, the largest weight read per token, 4-bit by GPTQ when its measured KL is within --max-kl. On the real 0.5B
+# GGUF (README, AMD EPYC): decode +6-11% over exact for +0.44 points of perplexity (+0.65% over fp32), the export
+# 74 s and 1.8 GiB. Not mixed (+1.5%: the fp32 model in memory, minutes) nor calibrated (+4.5%). exact where head
+# does not apply (`_default_quantizer`).
 DEFAULT_QUANTIZER = "head"
 DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says
     "onnx": {"device": None, "dtype": "fp32", "lowering": "fused"},
@@ -146,11 +145,17 @@ def _attention(cfg, prof: devices.DeviceProfile | None, attention: str | None, l
     return layout
 
 
-def _default_quantizer(target: str, cfg: ModelArgs, prec: Precision) -> str:
+def _default_quantizer(target: str, ckpt: Checkpoint, prec: Precision) -> str:
+    """head for ONNX int4 with fp32 activations from a GGUF that carries its tokenizer, whose fp32 reference is at
+    most MAX_REFERENCE_BYTES; else exact. Not: Core ML (no sensitivity recipe there); fp16/bf16 activations (the
+    GPU layouts: the measurement is of fp32 ones); float checkpoints (exact writes their head 4-bit already, and
+    head's wide form would be 8-bit); checkpoints without a tokenizer or with random weights (nothing to calibrate
+    on but seeded ids); larger models (the streamed pass grows with the model)."""
     from .calibrate import MAX_REFERENCE_BYTES
 
-    fits = cfg.num_parameters() * 4 <= MAX_REFERENCE_BYTES
-    return DEFAULT_QUANTIZER if target == "onnx" and prec.activations == "fp32" and fits else "exact"
+    gguf = ckpt.kind == "gguf" and not ckpt.random_weights and ckpt.source.field("tokenizer.ggml.model") is not None
+    fits = ckpt.config.num_parameters() * 4 <= MAX_REFERENCE_BYTES
+    return DEFAULT_QUANTIZER if target == "onnx" and prec.activations == "fp32" and gguf and fits else "exact"
 
 
 def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
@@ -202,7 +207,7 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
     if target == "coreml" and prec.quantized and prec.name != "int4":  # int8 per channel, palettize4: from floats
         recipe = "palettize" if prec.weights.scheme == "palette" else "requantize"
     else:
-        recipe = QUANTIZERS[quantizer or _default_quantizer(target, cfg, prec)] if prec.quantized else None
+        recipe = QUANTIZERS[quantizer or _default_quantizer(target, ckpt, prec)] if prec.quantized else None
     if calibration is not None and recipe not in CALIBRATED_RECIPES:
         raise Qwen2Error("--calibration applies to the calibrated, head and mixed quantizers (int4, --quantizer "
                          "calibrated, head or mixed)")

@@ -66,9 +66,8 @@ def test_output_folder_contents(tiny_export):
     assert rep["dtype"] == "int4" and rep["opset"] == 21 and rep["parity"]["passed"]
     assert "com.microsoft::MatMulNBits" in rep["custom_ops"] and "com.microsoft::GatherBlockQuantized" in rep["custom_ops"]
     assert rep["wall_s"] > 0 and rep["peak_rss_mib"] > 0
-    assert rep["plan"] == {"format": "onnx", "dtype": "int4", "activations": "fp32", "recipe": "head",
-                           "lowering": "function", "attention": None, "context": 4096,
-                           "calibration": "export/data/calibration.txt",
+    assert rep["plan"] == {"format": "onnx", "dtype": "int4", "activations": "fp32", "recipe": "gguf-exact",
+                           "lowering": "function", "attention": None, "context": 4096, "calibration": None,
                            "device_profile": None, "gate": "on", "overrides": []}
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"

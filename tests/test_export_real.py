@@ -40,8 +40,9 @@ def test_int4_export_quality(real_exports, real_tokenizer, text_ids):
     assert rep["parity"]["passed"]
     # the default recipe (head): every weight but the LM head kept its GGUF grid (4-bit where the file is 4-bit,
     # 8-bit codes for its 5/6/8-bit tensors); the head (Q8_0 in the file) measured and written 4-bit by GPTQ
-    head = rep["quantized"].pop("lm_head.weight")
-    assert {q["from"] for q in rep["quantized"].values()} == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    assert rep["plan"]["recipe"] == "head"
+    head = rep["quantized"]["lm_head.weight"]
+    assert {q["from"] for n, q in rep["quantized"].items() if n != "lm_head.weight"} == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
     assert (head["from"], head["bits"]) == ("mixed", 4), head
     cal = rep["calibration"]
     assert cal["groups"]["head"]["choice"] == "4-bit" and 0 < cal["kl"] <= cal["max_kl"], cal

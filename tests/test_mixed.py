@@ -218,9 +218,11 @@ def test_head_recipe_measures_what_the_whole_model_measures(tied, gguf_ckpt, mix
 
 def test_head_recipe_keeps_a_head_over_budget_wide(gguf_ckpt, tmp_path):
     report, _ = _head_kl(gguf_ckpt, tmp_path, "head", 0.0)
-    assert report["calibration"]["groups"]["head"]["choice"] == "wide"
+    head = report["calibration"]["groups"]["head"]
+    assert head["choice"] == "wide" and head["kl"] > 0
     assert report["calibration"]["held_aside_perplexity_increase"] is None
-    assert {q["from"] for q in report["quantized"].values()} <= set(TYPES.values()) | {"Q8_0", "Q4_0"}
+    assert report["quantized"]["lm_head.weight"]["from"] == "Q8_0"  # the file's own blocks
+    assert "mixed" not in {q["from"] for q in report["quantized"].values()}
 
 
 def test_head_comparison_over_vocabulary_slices_equals_whole_softmax():
@@ -237,3 +239,20 @@ def test_head_comparison_over_vocabulary_slices_equals_whole_softmax():
     sel = targets >= 0
     assert torch.allclose(nll_w[sel], -a[sel, targets[sel]], rtol=1e-5)
     assert torch.allclose(nll_l[sel], -b[sel, targets[sel]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_kl", [0.0, 1e9])
+def test_head_recipe_on_a_tied_float_checkpoint(max_kl, tmp_path):
+    """A float checkpoint's head recipe: the tied table 4-bit (GPTQ) within the budget, else its 8-bit wide form
+    (both sides of the KL measured from streamed passes through that table's own rows), every other weight
+    round-to-nearest 4-bit as exact writes it; the export computes what its report says it wrote."""
+    ckpt = random_checkpoint("tiny")
+    report, out = _head_kl(ckpt, tmp_path, "head", max_kl)
+    head = report["calibration"]["groups"]["head"]
+    assert head["kl"] > 0 and head["choice"] == ("4-bit" if max_kl else "wide")
+    q = report["quantized"]
+    table = q["model.embed_tokens.weight"]
+    assert (table["from"], table["bits"]) == (("mixed", 4) if max_kl else ("rtn8", 8))
+    assert {(v["from"], v["bits"]) for n, v in q.items() if n != "model.embed_tokens.weight"} == {("rtn", 4)}
+    d = onnx_parity(out, dequantized_reference(ckpt, report, out), PROMPTS, 4, TINY_INT4_DEQUANTIZED)
+    assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d

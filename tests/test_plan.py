@@ -31,7 +31,7 @@ def test_onnx_defaults_without_a_profile():
 
 def test_profile_defaults_and_overrides_are_reported():
     p = make_plan("onnx", SMALL, device="x86-2core")
-    assert (p.precision.name, p.context, p.lowering, p.recipe) == ("int4", 8192, "fused", "head")
+    assert (p.precision.name, p.context, p.lowering, p.recipe) == ("int4", 8192, "fused", "gguf-exact")
     assert p.overrides == () and p.out == Path("exports/qwen2-0.5b-int4")
     q = make_plan("onnx", SMALL, device="x86-2core", dtype="fp16", context=1024, lowering="function")
     assert q.overrides == ("--max-context 1024 overrides device profile x86-2core's 8192",

@@ -12,6 +12,7 @@ from export.calibrate import (CalibrationError, MIN_TOKENS, SourceRows, Streamed
 from export.plan import make_plan
 from export.quant import (QuantSpec, _inverse_factor, gptq, output_error, quantize_gptq, quantize_rtn,
                           quantize_weighted)
+from qwen2_ref.config import from_name
 from qwen2_ref.errors import Qwen2Error
 
 from .conftest import random_checkpoint
@@ -180,12 +181,7 @@ def test_default_calibration_text_is_shipped_and_held_out(real_tokenizer):
 
 def test_plan_quantizer_choices():
     ckpt = random_checkpoint("tiny")
-    # the default: head for ONNX int4 with fp32 activations; exact for Core ML, GPU layouts and large models
-    assert make_plan("onnx", ckpt, dtype="int4").recipe == "head"
-    assert make_plan("coreml", ckpt, dtype="int4").recipe == "gguf-exact"
-    assert make_plan("onnx", ckpt, dtype="int4", activations="fp16").recipe == "gguf-exact"
-    assert make_plan("onnx", random_checkpoint("7b"), dtype="int4").recipe == "gguf-exact"
-    assert make_plan("onnx", random_checkpoint("1.5b"), dtype="int4").recipe == "head"
+    assert make_plan("onnx", ckpt, dtype="int4").recipe == "gguf-exact"  # random weights: nothing to calibrate on
     assert make_plan("onnx", ckpt, dtype="int4", quantizer="calibrated").recipe == "calibrated"
     assert make_plan("onnx", ckpt, dtype="int4", quantizer="rtn").recipe == "requantize"
     assert make_plan("onnx", ckpt, dtype="int4", requantize=True).recipe == "requantize"
@@ -219,3 +215,24 @@ def test_calibrated_export_matches_its_dequantized_reference(tiny_export, model)
     d = onnx_parity(out, dequantized_reference(ckpt, report, out), prompts, 4, TINY_INT4_DEQUANTIZED)
     assert d.max_abs_logits <= TINY_INT4_DEQUANTIZED.max_abs_logits, d
     assert d.top1_agreement >= TINY_INT4_DEQUANTIZED.min_top1_agreement, d
+
+
+def test_default_int4_recipe():
+    """head where it applies (ONNX, fp32 activations, a GGUF with its tokenizer, fp32 reference <= 6 GiB), else
+    exact; the real GGUF's default export is checked in tests/test_export_real.py."""
+    from types import SimpleNamespace
+
+    from export.plan import _default_quantizer
+    from export.precision import PRECISIONS
+
+    def ckpt(size="0.5b", kind="gguf", tokenizer=True, random_weights=False):
+        source = SimpleNamespace(field=lambda key: "gpt2" if tokenizer else None)
+        return SimpleNamespace(kind=kind, random_weights=random_weights, source=source, config=from_name(size))
+
+    cpu, gpu = PRECISIONS["onnx"]["int4"], PRECISIONS["onnx"]["int4"].with_activations("fp16")
+    assert _default_quantizer("onnx", ckpt(), cpu) == "head"
+    assert _default_quantizer("onnx", ckpt("1.5b"), cpu) == "head"
+    for target, c, prec in (("coreml", ckpt(), PRECISIONS["coreml"]["int4"]), ("onnx", ckpt(), gpu),
+                            ("onnx", ckpt("7b"), cpu), ("onnx", ckpt(kind="hf"), cpu),
+                            ("onnx", ckpt(tokenizer=False), cpu), ("onnx", ckpt(random_weights=True), cpu)):
+        assert _default_quantizer(target, c, prec) == "exact", (target, prec.name, c)
