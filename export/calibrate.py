@@ -200,18 +200,25 @@ def calibrate_carrying(reference, ids: list[int], quantize: "GroupQuantizer", na
     total = sum(1 for n in names if n == head or n.startswith(tuple(layer_names)))
     done, t0 = [0], time.perf_counter()
 
+    layers_done = [0]
+
+    def progress() -> None:  # the layers pace the pass (a head-only calibration quantizes one weight, at the end)
+        if console.is_terminal:
+            el, n = time.perf_counter() - t0, len(layer_names)
+            eta = el / max(layers_done[0], 1) * (n - layers_done[0])
+            console.print(f"  calibration pass: layer {layers_done[0]}/{n}, {done[0]}/{total} weights quantized "
+                          f"({el:.0f} s, ETA {eta:.0f} s)", end="\r")
+
     def flush(inputs: torch.Tensor, members: list) -> None:
         xs = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
         h = xs.T @ xs / xs.shape[0]
         results.update(quantize(members, h))
         done[0] += len(members)
-        el = time.perf_counter() - t0
-        if console.is_terminal:
-            console.print(f"  calibrated {done[0]}/{total} weights ({el:.0f} s, ETA "
-                          f"{el / done[0] * (total - done[0]):.0f} s)", end="\r")
+        progress()
 
     if ids:
-        status(f"calibrating {total} weights on {x_ids.numel()} tokens ({B} x {T}) ...")
+        status(f"calibrating {total} weight{'s' if total != 1 else ''} on {x_ids.numel()} tokens ({B} x {T})"
+               + (f", {len(carry)} more carried along" if carry else "") + " ...")
         ctx, x = _forward_context(ref, B, T), ref.embed(x_ids)
     kv = torch.zeros(B, cfg.num_key_value_heads, 0, cfg.head_dim)
     if carry is not None:
@@ -248,9 +255,13 @@ def calibrate_carrying(reference, ids: list[int], quantize: "GroupQuantizer", na
             for h in hooks:
                 h.remove()
         del layer
+        layers_done[0] += 1
+        progress()
     norm = ref.norm()
     if head in names and ids:
-        flush(norm(x), [(head, ref.head())])
+        w = ref.head()
+        status(f"  quantizing the LM head ({' x '.join(map(str, w.shape))}) ...")
+        flush(norm(x), [(head, w)])
     return results, (norm(c) if carry is not None else None)
 
 

@@ -247,6 +247,7 @@ def _choose_head(reference: StreamedReference, group: Group, low: dict, out: dic
     def low_rows(r0: int, r1: int) -> torch.Tensor:
         return torch.from_numpy(low[p].quantized.rows(r0, r1).dequantize())
 
+    status(f"  measuring the 4-bit head against the wide one on {len(carried)} calibration tokens ...")
     kl, nll_wide, nll_low = _compare_heads(h_wide, h_low, wide_rows, low_rows, head.shape[0], targets)
     group.kl = float(kl[:n].mean())
     group.chosen = group.kl <= allowed
