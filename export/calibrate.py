@@ -224,11 +224,8 @@ def calibrate_carrying(reference, ids: list[int], quantize: "GroupQuantizer", na
     if carry is not None:
         c_ctx, c = _forward_context(ref, 1, len(carry)), ref.embed(torch.tensor([carry]))
     pending: list = []  # [input tensor, [(name, weight), ...]]: the group whose input was seen last
-    hooked = [True]  # off while the carried tokens run
 
     def seen(pname: str, w: torch.Tensor, inputs: torch.Tensor) -> None:
-        if not hooked[0]:
-            return
         if pending and pending[0] is not inputs:
             flush(*pending)
             pending.clear()
@@ -238,6 +235,8 @@ def calibrate_carrying(reference, ids: list[int], quantize: "GroupQuantizer", na
 
     for i, prefix in enumerate(layer_names):
         layer = ref.layer(i)
+        if carry is not None:  # before the hooks: the carried tokens are never fitted on
+            c, _ = layer(c, c_ctx, (kv[:1], kv[:1]))
         hooks = [mod.register_forward_hook(lambda m, a, o, p=f"{prefix}{mname}.weight": seen(p, m.weight, a[0]))
                  for mname, mod in layer.named_modules()
                  if isinstance(mod, torch.nn.Linear) and f"{prefix}{mname}.weight" in names]
@@ -246,10 +245,6 @@ def calibrate_carrying(reference, ids: list[int], quantize: "GroupQuantizer", na
                 x, _ = layer(x, ctx, (kv, kv))
             if pending:
                 flush(*pending)
-            if carry is not None:
-                hooked[0] = False
-                c, _ = layer(c, c_ctx, (kv[:1], kv[:1]))
-                hooked[0] = True
         finally:
             pending.clear()
             for h in hooks:

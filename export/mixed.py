@@ -356,7 +356,7 @@ def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_mode
             out[p] = low[p]
     saved = sum(g.saved for g in chosen)
     total_wide = sum(g.saved for g in groups)
-    status(f"{scope == 'head' and 'head' or 'mixed'} 4-bit: {sum(len(g.params) for g in chosen)} of {len(cand)} "
+    status(f"{'mixed' if scope == 'all' else 'head'} 4-bit: {sum(len(g.params) for g in chosen)} of {len(cand)} "
            f"weights to 4-bit ({saved / 2**20:.0f} of {total_wide / 2**20:.0f} MiB that could be saved), KL to the "
            f"wide weights {combined:.4f} nats/token on the calibration text (--max-kl {allowed:.4f}); "
            + (f"perplexity {checked * 100:+.2f}% on {len(aside)} calibration tokens held aside from the choice; "
