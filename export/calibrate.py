@@ -320,6 +320,11 @@ def keep_exact(results: dict[str, Calibrated], source, threshold: float | None =
 MAX_REFERENCE_BYTES = 6 * 2**30
 
 
+def calibrates(cfg) -> bool:
+    """Whether a model of this config is small enough to calibrate (its fp32 reference <= MAX_REFERENCE_BYTES)."""
+    return cfg.num_parameters() * 4 <= MAX_REFERENCE_BYTES
+
+
 def calibrated_weights(ckpt, names: set[str], reference: StreamedReference | None = None,
                        text: str | Path | None = None) -> tuple[dict[str, "Calibrated"], dict]:
     """The calibrated recipe for an export, any target: GPTQ results for the linear weights `names` (those a GGUF
@@ -328,7 +333,7 @@ def calibrated_weights(ckpt, names: set[str], reference: StreamedReference | Non
     from qwen2_ref.progress import status
 
     cfg = ckpt.config
-    if cfg.num_parameters() * 4 > MAX_REFERENCE_BYTES:
+    if not calibrates(cfg):
         status(f"note: calibration runs on models whose fp32 reference is {MAX_REFERENCE_BYTES / 2**30:.0f} GiB or "
                f"less (this one: {cfg.num_parameters() * 4 / 2**30:.0f} GiB); this size is quantized without it (a "
                "GGUF's exact blocks, else round-to-nearest)")

@@ -48,8 +48,8 @@ import torch
 from qwen2_ref.progress import console, status
 
 from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, SEQUENCE, Calibrated,
-                        StreamedReference, _forward_context, _Resident, calibrate_carrying, calibration_tokens,
-                        gptq_group)
+                        StreamedReference, _forward_context, _Resident, calibrate_carrying, calibrates,
+                        calibration_tokens, gptq_group)
 from .quant import GGUF_EXACT, Quantized, QuantSpec, output_error, quantize_rtn
 
 # How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
@@ -312,7 +312,7 @@ def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_mode
     from qwen2_ref.memory import release_freed_memory
 
     cfg = reference.config  # a gate's truncation: its first layers, quantized as the whole model's export is
-    if ckpt.config.num_parameters() * 4 > MAX_REFERENCE_BYTES:  # the whole model's size decides, as in the export
+    if not calibrates(ckpt.config):  # the whole model's size decides, as in the export
         gib = ckpt.config.num_parameters() * 4 / 2**30
         status(f"note: the {'mixed' if scope == 'all' else 'head'} recipe runs on models whose fp32 reference is "
                f"{MAX_REFERENCE_BYTES / 2**30:.0f} GiB or less (this one: {gib:.0f} GiB); this size is written as "

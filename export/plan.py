@@ -151,10 +151,10 @@ def _default_quantizer(target: str, ckpt: Checkpoint, prec: Precision) -> str:
     GPU layouts: the measurement is of fp32 ones); float checkpoints (exact writes their head 4-bit already, and
     head's wide form would be 8-bit); checkpoints without a tokenizer or with random weights (nothing to calibrate
     on but seeded ids); larger models (the streamed pass grows with the model)."""
-    from .calibrate import MAX_REFERENCE_BYTES
+    from .calibrate import calibrates
 
     gguf = ckpt.kind == "gguf" and not ckpt.random_weights and ckpt.source.field("tokenizer.ggml.model") is not None
-    fits = ckpt.config.num_parameters() * 4 <= MAX_REFERENCE_BYTES
+    fits = calibrates(ckpt.config)
     return DEFAULT_QUANTIZER if target == "onnx" and prec.activations == "fp32" and gguf and fits else "exact"
 
 
