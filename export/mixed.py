@@ -50,7 +50,7 @@ from qwen2_ref.progress import console, status
 from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, SEQUENCE, Calibrated,
                         StreamedReference, _forward_context, _Resident, calibrate_carrying, calibrates,
                         calibration_tokens, gptq_group)
-from .quant import GGUF_EXACT, Quantized, QuantSpec, output_error, quantize_rtn
+from .quant import GGUF_EXACT, Quantized, QuantSpec, carried_spec, output_error, quantize_rtn
 
 # How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
 # the wide weights, nats per token, on calibration tokens GPTQ did not fit (--max-kl). Chosen on the calibration
@@ -99,13 +99,13 @@ class _HeadAsTable:
 
 
 def wide_spec(source, name: str) -> QuantSpec | None:
-    """The form a weight takes when not 4-bit: a GGUF tensor's exact blocks when they are 8-bit codes (None when
-    they are 4-bit already: nothing to choose), a float checkpoint's 8-bit round-to-nearest."""
+    """The form a weight takes when not 4-bit: a GGUF tensor's 8-bit codes, re-blocked (None when its blocks are
+    4-bit already: nothing to choose), a float checkpoint's 8-bit round-to-nearest."""
     if getattr(source, "raw", None) is None:
         return WIDE_FLOAT
     gtype = source.tensor_type(name)
     if gtype in GGUF_EXACT:
-        spec = GGUF_EXACT[gtype][2]
+        spec = carried_spec(gtype, reblock=True, row=source.shape(name)[-1])
         return spec if spec.bits == 8 else None
     return WIDE_FLOAT
 
@@ -316,16 +316,16 @@ def mixed_weights(ckpt, names: set[str], reference: StreamedReference, load_mode
         gib = ckpt.config.num_parameters() * 4 / 2**30
         status(f"note: the {'mixed' if scope == 'all' else 'head'} recipe runs on models whose fp32 reference is "
                f"{MAX_REFERENCE_BYTES / 2**30:.0f} GiB or less (this one: {gib:.0f} GiB); this size is written as "
-               "--quantizer exact (a GGUF's blocks, else round-to-nearest)")
-        return {}, {"method": "none: the fp32 reference is too large to measure on (written as --quantizer exact)"}
+               "--quantizer reblock (a GGUF's blocks, else round-to-nearest)")
+        return {}, {"method": "none: the fp32 reference is too large to measure on (written as --quantizer reblock)"}
     t0 = time.perf_counter()
     source = _HeadAsTable(ckpt.source) if cfg.tie_word_embeddings else ckpt.source
     groups = [g for g in _groups(cfg, names, source) if scope == "all" or g.name == "head"]
     method = {"all": "mixed: per group 4-bit (GPTQ) or its wide form, by measured sensitivity",
               "head": "head: the LM head 4-bit (GPTQ) or its wide form, by measured sensitivity; every other "
-                      "weight as --quantizer exact"}[scope]
+                      "weight as --quantizer reblock"}[scope]
     if not groups:
-        status("note: no weight has a wider form than 4-bit to choose from: written as --quantizer exact")
+        status("note: no weight has a wider form than 4-bit to choose from: written as --quantizer reblock")
         return {}, {"method": method, "groups": {}}
     ids, what = calibration_tokens(ckpt.tokenizer(), text, cfg.vocab_size,
                                    CALIBRATION_TOKENS + SENSITIVITY_TOKENS + ASIDE_TOKENS)

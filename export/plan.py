@@ -27,15 +27,20 @@ LOWERINGS = ("fused", "function")
 ATTENTION = ("bias", "seqlens")
 # ONNX 4-bit quantizers (--quantizer) and the recipe each one puts in the plan
 QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "head": "head", "mixed": "mixed",
-              "rtn": "requantize"}
+              "reblock": "gguf-reblock", "rtn": "requantize"}
 CALIBRATED_RECIPES = ("calibrated", "head", "mixed")  # the recipes that run the model on a calibration text
-CHOOSING_RECIPES = ("head", "mixed")  # ONNX only: 4-bit or wide per group, by measured sensitivity (--max-kl)
-# ONNX int4's default, head: every weight as exact (a GGUF's own blocks, no re-quantization error), except the LM
-# head, the largest weight read per token, 4-bit by GPTQ when its measured KL is within --max-kl. On the real 0.5B
-# GGUF (README, AMD EPYC): decode +6-11% over exact for +0.44 points of perplexity (+0.65% over fp32), the export
-# 74 s and 1.8 GiB. Not mixed (+1.5%: the fp32 model in memory, minutes) nor calibrated (+4.5%). exact where head
-# does not apply (`_default_quantizer`).
-DEFAULT_QUANTIZER = "head"
+CHOOSING_RECIPES = ("head", "mixed")  # 4-bit or wide per group, by measured sensitivity (--max-kl)
+ONNX_RECIPES = CHOOSING_RECIPES + ("gguf-reblock",)  # ONNX only
+# A GGUF's 8-bit codes (Q5_0, Q8_0, Q6_K) on blocks of 128 instead of the file's 32 or 16 (quant.carried_spec):
+# every ONNX recipe that carries GGUF blocks but the bit-exact one
+REBLOCKING_RECIPES = ("gguf-reblock",) + CALIBRATED_RECIPES
+# ONNX int4's default from a GGUF, reblock: its 4-bit blocks as they are, its 5/6/8-bit ones as 8-bit codes on
+# blocks of 128. On the real 0.5B GGUF (README, AMD EPYC): decode +36%
+# and prefill +24% over exact, whose blocks of 32 and 16 cost ORT's 8-bit kernel ~1.3x, for perplexity +0.17%
+# over fp32 (exact +0.21%, same machine); no calibration, ~30 s. head and mixed (a 4-bit head / 4-bit groups by
+# GPTQ) measured no faster than it once re-blocked, and less exact. exact where it does not apply
+# (`_default_quantizer`).
+DEFAULT_QUANTIZER = "reblock"
 DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says
     "onnx": {"device": None, "dtype": "fp32", "lowering": "fused"},
     "coreml": {"device": "iphone-15-pro", "dtype": "int4", "context": 4096},
@@ -62,9 +67,9 @@ class ExportPlan:
     recipe: str | None  # quantized precisions: "calibrated" (GPTQ against the reference's inputs on a calibration
     # text; a GGUF keeps its exact blocks where they are worth their bits), "mixed" (per group 4-bit or its wide
     # form, by measured sensitivity: export/mixed.py), "head" (the same choice for the LM head alone, the rest
-    # as "gguf-exact"), "gguf-exact" (a GGUF keeps its blocks
-    # where the target can run them), "requantize" (plain round-to-nearest from floats) or "palettize" (Core ML
-    # k-means tables); None for floats
+    # as "gguf-reblock"), "gguf-exact" (a GGUF keeps its blocks where the target can run them), "gguf-reblock"
+    # (the same with 8-bit codes on blocks of 128), "requantize" (plain round-to-nearest from floats) or
+    # "palettize" (Core ML k-means tables); None for floats
     lowering: str | None  # ONNX: "fused" | "function"; Core ML: None
     context: int  # positions the export is made for (Core ML: before padding to the profile's state multiple)
     profile: devices.DeviceProfile | None
@@ -146,16 +151,10 @@ def _attention(cfg, prof: devices.DeviceProfile | None, attention: str | None, l
 
 
 def _default_quantizer(target: str, ckpt: Checkpoint, prec: Precision) -> str:
-    """head for ONNX int4 with fp32 activations from a GGUF that carries its tokenizer, whose fp32 reference is at
-    most MAX_REFERENCE_BYTES; else exact. Not: Core ML (no sensitivity recipe there); fp16/bf16 activations (the
-    GPU layouts: the measurement is of fp32 ones); float checkpoints (exact writes their head 4-bit already, and
-    head's wide form would be 8-bit); checkpoints without a tokenizer or with random weights (nothing to calibrate
-    on but seeded ids); larger models (the streamed pass grows with the model)."""
-    from .calibrate import calibrates
-
-    gguf = ckpt.kind == "gguf" and not ckpt.random_weights and ckpt.source.field("tokenizer.ggml.model") is not None
-    fits = calibrates(ckpt.config)
-    return DEFAULT_QUANTIZER if target == "onnx" and prec.activations == "fp32" and gguf and fits else "exact"
+    """reblock for ONNX int4 with fp32 activations from a GGUF, else exact. Not: Core ML (its own block formats);
+    fp16/bf16 activations (the GPU layouts: the 8-bit kernel's speed on blocks of 128 was measured on CPU only);
+    float checkpoints (no 8-bit codes to re-block: both write round-to-nearest 4-bit, under exact's name)."""
+    return DEFAULT_QUANTIZER if target == "onnx" and prec.activations == "fp32" and ckpt.kind == "gguf" else "exact"
 
 
 def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
@@ -211,8 +210,9 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
     if calibration is not None and recipe not in CALIBRATED_RECIPES:
         raise Qwen2Error("--calibration applies to the calibrated, head and mixed quantizers (int4, --quantizer "
                          "calibrated, head or mixed)")
-    if recipe in CHOOSING_RECIPES and target != "onnx":
-        raise Qwen2Error(f"--quantizer {recipe} applies to ONNX int4 (Core ML int4 takes exact, calibrated or rtn)")
+    if recipe in ONNX_RECIPES and target != "onnx":
+        raise Qwen2Error(f"--quantizer {quantizer} applies to ONNX int4 (Core ML int4 takes exact, calibrated or "
+                         "rtn)")
     if max_kl is not None and recipe not in CHOOSING_RECIPES:
         raise Qwen2Error("--max-kl applies to the head and mixed quantizers (ONNX int4, --quantizer head or mixed)")
     if max_kl is not None and not 0 <= max_kl < float("inf"):

@@ -27,6 +27,10 @@ TINY = {
 # MatMulNBits' int8 activation quantization (accuracy_level 4) and float rounding. Arg-max: tiny random logits
 # have top-2 margins below that noise at some positions (one flip in 8 positions seen with GPTQ weights).
 TINY_INT4_DEQUANTIZED = Tolerance(1e-2, 0.85)
+# The same on a tiny model of hidden size 128 (the least that 8-bit blocks of 128 divide, `--quantizer reblock`):
+# the kernel quantizes its int8 activations per weight block, so wider rows and blocks give a coarser activation
+# grid; measured max |logit diff| 0.017 with the file's blocks of 32 and 0.023 with blocks of 128.
+TINY_INT4_DEQUANTIZED_WIDE = Tolerance(5e-2, 0.85)
 
 # Real checkpoints (logits of order 10-30; 24+ layers of accumulated rounding). The gate of every export.
 GATE = {

@@ -38,14 +38,13 @@ def test_int4_export_quality(real_exports, real_tokenizer, text_ids):
     root, reports = real_exports
     rep = reports["int4"]
     assert rep["parity"]["passed"]
-    # the default recipe (head): every weight but the LM head kept its GGUF grid (4-bit where the file is 4-bit,
-    # 8-bit codes for its 5/6/8-bit tensors); the head (Q8_0 in the file) measured and written 4-bit by GPTQ
-    assert rep["plan"]["recipe"] == "head"
-    head = rep["quantized"]["lm_head.weight"]
-    assert {q["from"] for n, q in rep["quantized"].items() if n != "lm_head.weight"} == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
-    assert (head["from"], head["bits"]) == ("mixed", 4), head
-    cal = rep["calibration"]
-    assert cal["groups"]["head"]["choice"] == "4-bit" and 0 < cal["kl"] <= cal["max_kl"], cal
+    # the default recipe (reblock): every weight from its GGUF grid, the file's 4-bit blocks (Q4_K) as they are,
+    # its 5/6/8-bit ones (Q5_0, Q6_K, Q8_0; the LM head is Q8_0) as 8-bit codes on blocks of 128
+    assert rep["plan"]["recipe"] == "gguf-reblock"
+    q = rep["quantized"]
+    assert {(v["from"], v["bits"], v["block"]) for v in q.values()} == {
+        ("Q4_K", 4, 32), ("Q5_0", 8, 128), ("Q6_K", 8, 128), ("Q8_0", 8, 128)}, q
+    assert (q["lm_head.weight"]["bits"], q["lm_head.weight"]["block"]) == (8, 128)
     results = {}
     for dtype in ("fp32", "int4"):  # one session at a time
         sess = session(root / dtype)

@@ -25,7 +25,7 @@ from ..calibrate import MAX_REFERENCE_BYTES, StreamedReference, calibrated_weigh
 from ..mixed import mixed_weights
 from ..gate import GateSubject, ParityError, reference_step
 from ..pipeline import run_export
-from ..plan import CALIBRATED_RECIPES, CHOOSING_RECIPES, ExportPlan, make_plan
+from ..plan import CALIBRATED_RECIPES, CHOOSING_RECIPES, REBLOCKING_RECIPES, ExportPlan, make_plan
 from ..precision import quantizable
 from ..quant import QuantSpec
 from ..sizing import weight_bytes
@@ -77,7 +77,7 @@ def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int
     base = base_spec(plan)
     calibrated, calibration = _calibrated(ckpt, plan, model, num_layers)
     streamer = WeightStreamer(ckpt.source, cfg, base, requantize=plan.recipe == "requantize",
-                              calibrated=calibrated)
+                              calibrated=calibrated, reblock=plan.recipe in REBLOCKING_RECIPES)
     quant = None
     if base is not None:
         quant = {n: streamer.quant_spec(n) for n, v in model.graph.initializers.items() if quantizable(n, v.shape)}

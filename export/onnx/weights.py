@@ -19,7 +19,7 @@ from qwen2_ref.config import ModelArgs
 from qwen2_ref import rope
 from qwen2_ref.weights import WeightSource
 
-from ..quant import GGUF_EXACT, QuantSpec, quantize_from_gguf, quantize_rtn
+from ..quant import GGUF_EXACT, QuantSpec, carried_spec, quantize_from_gguf, quantize_rtn
 from .linears import WeightKind, WeightUse
 
 ROW_BLOCK = 8192  # rows per block when streaming a float tensor or quantizing
@@ -51,11 +51,12 @@ class WeightStreamer:
     """Reads reference parameters (by model parameter name) from a checkpoint's weight source."""
 
     def __init__(self, source: WeightSource, cfg: ModelArgs, base: QuantSpec | None = None,
-                 requantize: bool = False, calibrated: dict | None = None):
+                 requantize: bool = False, calibrated: dict | None = None, reblock: bool = False):
         """`base`: the precision's block format for weights re-quantized from floats; `requantize`: never carry a
-        GGUF's own blocks over; `calibrated`: {param: Calibrated} weights already quantized against calibration
-        inputs (export/calibrate.py), used instead of either."""
-        self.source, self.cfg, self.requantize = source, cfg, requantize
+        GGUF's own blocks over; `reblock`: carry them with 8-bit codes on blocks of 128 (quant.carried_spec);
+        `calibrated`: {param: Calibrated} weights already quantized against calibration inputs
+        (export/calibrate.py), used instead of either."""
+        self.source, self.cfg, self.requantize, self.reblock = source, cfg, requantize, reblock
         self.base = base or QuantSpec(bits=4, block=32)
         self.calibrated = calibrated or {}
 
@@ -84,14 +85,15 @@ class WeightStreamer:
         return len(names) if len(names) > 1 else self.source.shape(names[0])[0]
 
     def quant_spec(self, param: str) -> QuantSpec:
-        """How a linear weight is quantized: a GGUF tensor keeps its grid where MatMulNBits can carry it exactly."""
+        """How a linear weight is quantized: a GGUF tensor keeps its grid where MatMulNBits can carry it (exactly,
+        or its 8-bit codes re-blocked)."""
         if param in self.calibrated:
             return self.calibrated[param].quantized.spec
         raw = getattr(self.source, "raw", None)
         if raw is not None and not self.requantize:
             gtype = self.source.tensor_type(param)
             if gtype in GGUF_EXACT:
-                return GGUF_EXACT[gtype][2]
+                return carried_spec(gtype, self.reblock, self.source.shape(param)[-1])
         return self.base
 
     def _quantized_blocks(self, param: str, spec: QuantSpec):
@@ -104,7 +106,7 @@ class WeightStreamer:
             w = self.rows(param, r, e)
             if spec.source != "rtn":
                 gtype, raw = self.source.raw(param)
-                yield quantize_from_gguf(gtype, raw[r:e], w.numpy())
+                yield quantize_from_gguf(gtype, raw[r:e], w.numpy(), spec)
             else:
                 yield quantize_rtn(w, spec)
 
