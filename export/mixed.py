@@ -1,9 +1,9 @@
 """The mixed 4-bit recipe (`--quantizer mixed`): per group of weights, 4-bit or its wider form, chosen by measured
 sensitivity.
 
-A GGUF's 5-, 6- and 8-bit tensors travel as 8-bit codes (exact, but about twice the bytes of 4-bit); a float
-checkpoint's weights go as 8-bit round-to-nearest. Decode on a CPU reads every weight once per token, so each
-tensor moved to 4-bit saves about half its bytes and costs some quality. Which ones: measured on the model itself.
+A GGUF's 5-, 6- and 8-bit tensors travel as 8-bit codes (on blocks of 128, as `--quantizer reblock` writes them:
+about twice the bytes of 4-bit); a float checkpoint's weights go as 8-bit round-to-nearest. Decode on a CPU reads
+every weight once per token, so each tensor moved to 4-bit saves about half its bytes and costs some quality. Which ones: measured on the model itself.
 
 The calibration text (the shipped one unless --calibration: never the text perplexity is reported on) is split
 three ways (`_split`): CALIBRATION_TOKENS that GPTQ fits on, the next SENSITIVITY_TOKENS that each group's KL is
@@ -29,7 +29,7 @@ understates what a group does to new text (tried: the choice then took 188 MiB a
 The report's `calibration` section records each group's KL, bytes saved and choice; `quantized` the form each
 tensor was written in (`"from": "mixed"` for the chosen 4-bit ones).
 
-`--quantizer head` (ONNX int4's default from a GGUF, `scope="head"`): the same choice for one group, the LM head,
+`--quantizer head` (`scope="head"`): the same choice for one group, the LM head, the rest as `--quantizer reblock`,
 without the model in memory. Steps 2-3 come from the GPTQ pass itself: the sensitivity and aside tokens, as one
 sequence, ride along through each layer as it is built (`calibrate.calibrate_carrying`), and the head's KL and the
 aside perplexity change are computed from their final-norm outputs, a slice of vocabulary rows at a time

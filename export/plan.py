@@ -35,11 +35,10 @@ ONNX_RECIPES = CHOOSING_RECIPES + ("gguf-reblock",)  # ONNX only
 # every ONNX recipe that carries GGUF blocks but the bit-exact one
 REBLOCKING_RECIPES = ("gguf-reblock",) + CALIBRATED_RECIPES
 # ONNX int4's default from a GGUF, reblock: its 4-bit blocks as they are, its 5/6/8-bit ones as 8-bit codes on
-# blocks of 128. On the real 0.5B GGUF (README, AMD EPYC): decode +36%
-# and prefill +24% over exact, whose blocks of 32 and 16 cost ORT's 8-bit kernel ~1.3x, for perplexity +0.17%
-# over fp32 (exact +0.21%, same machine); no calibration, ~30 s. head and mixed (a 4-bit head / 4-bit groups by
-# GPTQ) measured no faster than it once re-blocked, and less exact. exact where it does not apply
-# (`_default_quantizer`).
+# blocks of 128, which ORT's CPU kernel runs ~1.3x faster than the file's 32 or 16. On the real 0.5B GGUF (README,
+# AMD EPYC, 2026-12-07): perplexity +0.10% over fp32 (exact +0.21%), export 25 s / 1.6 GiB, decode and prefill
+# ahead of exact (README table). head and mixed (a 4-bit head / 4-bit groups by GPTQ) measured no faster once
+# re-blocked, and less exact. exact where it does not apply (`_default_quantizer`).
 DEFAULT_QUANTIZER = "reblock"
 DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says
     "onnx": {"device": None, "dtype": "fp32", "lowering": "fused"},
