@@ -29,14 +29,14 @@ def quantizer_options(f):
         type=click.Choice(["calibrated", "exact", "head", "mixed", "reblock", "rtn"]),
         help="int4: reblock (ONNX's default from a GGUF with fp32 activations; else exact) = a GGUF's 4-bit blocks as "
              "they are, its 5/6/8-bit ones as 8-bit codes on blocks of 128 (each weight within 1/510 of its block's "
-             "range of the file's; ONNX Runtime's CPU kernel runs them ~1.3x faster than the file's blocks of 32 or "
-             "16; ONNX only); exact (Core ML's default) = a GGUF's own blocks carried over bit for bit (5/6/8-bit ones"
-             " as 8-bit codes; float checkpoints, for either: as rtn); head = as reblock, but the LM head 4-bit (GPTQ "
-             "on a calibration text, the fp32 model streamed a layer at a time) when its measured effect on the "
-             "model's outputs stays within --max-kl (ONNX only); calibrated = GPTQ 4-bit everywhere; mixed = per group"
-             " of weights 4-bit or its wider form (reblock's 8-bit codes, else 8-bit): the most bytes to 4-bit whose "
-             "measured effect stays within --max-kl (needs the fp32 model in memory; ONNX only); rtn = clip-searched "
-             "round-to-nearest 4-bit everywhere (the smallest).")(f)
+             "range of the file's, fp32 scales; ONNX Runtime's CPU kernel runs them ~1.3x faster than the file's "
+             "blocks of 32 or 16; ONNX only); exact (Core ML's default) = a GGUF's own blocks carried over bit for bit"
+             " (5/6/8-bit ones as 8-bit codes; float checkpoints, for either: as rtn); head = as reblock, but the LM "
+             "head 4-bit (GPTQ on a calibration text, the fp32 model streamed a layer at a time) when its measured "
+             "effect on the model's outputs stays within --max-kl (ONNX only); calibrated = GPTQ 4-bit everywhere; "
+             "mixed = per group of weights 4-bit or its wider form (reblock's 8-bit codes, else 8-bit): the most bytes"
+             " to 4-bit whose measured effect stays within --max-kl (needs the fp32 model in memory; ONNX only); rtn ="
+             " clip-searched round-to-nearest 4-bit everywhere (the smallest).")(f)
 
 
 def _export(target: str, size, checkpoint, random_weights, **flags) -> None:

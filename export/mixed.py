@@ -50,7 +50,8 @@ from qwen2_ref.progress import console, status
 from .calibrate import (CALIBRATION_TOKENS, MAX_REFERENCE_BYTES, MIN_TOKENS, SEQUENCE, Calibrated,
                         StreamedReference, _forward_context, _Resident, calibrate_carrying, calibrates,
                         calibration_tokens, gptq_group)
-from .quant import GGUF_EXACT, Quantized, QuantSpec, carried_spec, output_error, quantize_rtn
+from .quant import (GGUF_EXACT, WIDE_BLOCK, Quantized, QuantSpec, carried_spec, output_error, quantize_reblocked,
+                    quantize_rtn)
 
 # How far the chosen 4-bit groups together may move the model's next-token distributions: mean KL divergence from
 # the wide weights, nats per token, on calibration tokens GPTQ did not fit (--max-kl). Chosen on the calibration
@@ -167,16 +168,19 @@ def _low_forms(reference: StreamedReference, ids: list[int], cand: set[str], sou
                carry: list[int] | None = None) -> tuple[dict, dict, torch.Tensor | None]:
     """One calibration forward (`calibrate.calibrate`'s hooks, a layer at a time in fp32): every candidate's 4-bit
     form by GPTQ against its own inputs' H = E[x xᵀ], as Calibrated (q/k/v and gate/up, which read one input, in one
-    sweep); a float checkpoint's wide forms (8-bit round-to-nearest), their error measured against the same H; and
+    sweep); the wide forms that are not the file's own values (a float checkpoint's 8-bit round-to-nearest, a
+    GGUF's re-blocked 8-bit codes), their error measured against the same H, so that the choice is measured
+    against what is written; and
     the final-norm outputs of the `carry` tokens (not fitted on) run along, or None."""
     wide: dict[str, Calibrated] = {}
     gptq = gptq_group(LOW)
 
     def quantize(members: list[tuple[str, torch.Tensor]], h: torch.Tensor) -> dict[str, Calibrated]:
         for name, w in members:
-            if wide_spec(source, name) is WIDE_FLOAT:
+            spec = wide_spec(source, name)
+            if spec is WIDE_FLOAT or (spec is not None and spec.block == WIDE_BLOCK):  # not the file's own values
                 w = w if isinstance(w, torch.Tensor) else w.whole()  # a head's rows: read once
-                q = quantize_rtn(w, WIDE_FLOAT)
+                q = quantize_rtn(w, WIDE_FLOAT) if spec is WIDE_FLOAT else quantize_reblocked(w, spec)
                 wide[name] = Calibrated(q, output_error(w, q, h))
         return gptq(members, h)
 
@@ -229,11 +233,11 @@ def _choose_head(reference: StreamedReference, group: Group, low: dict, out: dic
     aside tokens (None when not chosen or none are aside). The carried sequence is the sensitivity tokens and then
     the aside ones, so each aside token is predicted with the sensitivity tokens before it as context. A tied head
     is also the export's embedding: its low side runs a second streamed pass from the 4-bit table's rows (and its
-    wide side, when that is a float checkpoint's 8-bit table rather than the reference's own values)."""
+    wide side, when that is a written 8-bit table rather than the reference's own values)."""
     p = group.params[0]
     n = len(sens)
     carried = sens + aside
-    wide = out[p].quantized if p in out else None  # a float checkpoint's 8-bit form; None: the file's blocks
+    wide = out[p].quantized if p in out else None  # the written 8-bit form; None: the file's own blocks
     tied = group.layer < 0
     h_wide = _final_hidden(_Embedded(reference, wide), carried)[0] if tied and wide is not None else final[0]
     h_low = _final_hidden(_Embedded(reference, low[p].quantized), carried)[0] if tied else h_wide
@@ -399,7 +403,7 @@ def _choose_groups(groups: list[Group], low: dict, out: dict, source, load_model
                         _load(params[p], low[p].quantized)
                     elif p in out:
                         _load(params[p], out[p].quantized)
-                    else:  # a GGUF's exact blocks: what the reference was loaded with
+                    else:  # a GGUF's own blocks, written as they are: what the reference was loaded with
                         params[p].copy_(source.get(p).to(torch.float32))
 
         t1 = time.perf_counter()

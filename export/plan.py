@@ -32,8 +32,9 @@ CALIBRATED_RECIPES = ("calibrated", "head", "mixed")  # the recipes that run the
 CHOOSING_RECIPES = ("head", "mixed")  # 4-bit or wide per group, by measured sensitivity (--max-kl)
 ONNX_RECIPES = CHOOSING_RECIPES + ("gguf-reblock",)  # ONNX only
 # A GGUF's 8-bit codes (Q5_0, Q8_0, Q6_K) on blocks of 128 instead of the file's 32 or 16 (quant.carried_spec):
-# every ONNX recipe that carries GGUF blocks but the bit-exact one
-REBLOCKING_RECIPES = ("gguf-reblock",) + CALIBRATED_RECIPES
+# reblock, and the ONNX-only recipes that choose between 4-bit and those codes (calibrated keeps a GGUF's blocks
+# exactly where it keeps them, as on Core ML)
+REBLOCKING_RECIPES = ("gguf-reblock",) + CHOOSING_RECIPES
 # ONNX int4's default from a GGUF, reblock: its 4-bit blocks as they are, its 5/6/8-bit ones as 8-bit codes on
 # blocks of 128, which ORT's CPU kernel runs ~1.3x faster than the file's 32 or 16. On the real 0.5B GGUF (README,
 # AMD EPYC, 2026-12-07): perplexity +0.10% over fp32 (exact +0.21%), export 25 s / 1.6 GiB, decode and prefill

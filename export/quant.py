@@ -379,13 +379,19 @@ def gguf_block_params(gtype: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarr
     raise KeyError(gtype)
 
 
+def quantize_reblocked(w: torch.Tensor, spec: QuantSpec) -> Quantized:
+    """A GGUF tensor's exact values `w` (rows, K) on `carried_spec`'s re-blocked 8-bit grid: round-to-nearest,
+    unclipped, so every weight is within half a step (1/510 of its block's range, which holds 0) of its own."""
+    assert spec.bits == 8 and spec.block == WIDE_BLOCK, spec
+    return quantize_rtn(w, spec, shrinks=(1.0,))
+
+
 def quantize_from_gguf(gtype: str, raw: np.ndarray, w: np.ndarray, spec: QuantSpec | None = None) -> Quantized:
     """Carry a GGUF tensor's blocks over: codes recovered from the dequantized values `w` (rows, K) and the block
-    parameters read from `raw`; checked to reproduce `w`. A `spec` other than the exact one (`carried_spec`'s
-    re-blocked 8-bit) is round-to-nearest from `w` on its own blocks, unclipped: every value within half a step
-    (1/510 of its block's range) of the exact one."""
+    parameters read from `raw`; checked to reproduce `w`. A `spec` other than the exact one is `carried_spec`'s
+    re-blocked 8-bit (`quantize_reblocked`)."""
     if spec is not None and spec != GGUF_EXACT[gtype][2]:
-        return quantize_rtn(torch.from_numpy(w), spec, shrinks=(1.0,))
+        return quantize_reblocked(torch.from_numpy(w), spec)
     spec = GGUF_EXACT[gtype][2]
     scale, zp = gguf_block_params(gtype, raw)
     safe = np.where(scale != 0, scale, 1.0).astype(np.float32)

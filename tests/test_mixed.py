@@ -1,5 +1,5 @@
-"""`--quantizer mixed`: per group of weights, 4-bit or its wide form (a GGUF's exact blocks, a float checkpoint's
-8-bit), chosen by measured KL within --max-kl. The choice recorded in the report is the one written (read back from
+"""`--quantizer mixed`: per group of weights, 4-bit or its wide form (a GGUF's blocks as reblock writes them, a
+float checkpoint's 8-bit), chosen by measured KL within --max-kl. The choice recorded in the report is the one written (read back from
 the export), the budget holds on the measurement the choice is made on, and the sensitivity shortcut (a forward from
 a group's own layer) measures what a whole forward does."""
 
@@ -197,19 +197,20 @@ def _head_kl(ckpt, tmp_path, quantizer: str, max_kl: float) -> tuple[dict, objec
 def test_head_recipe_measures_what_the_whole_model_measures(tied, gguf_ckpt, mixed, tmp_path):
     """`--quantizer head` measures the head's KL from the streamed pass's final-norm outputs, no model in memory (a
     tied table: a second streamed pass from its 4-bit rows); that equals the KL `mixed` measures on the fp32 model
-    with the same 4-bit form, and the export computes what the report says it wrote. (GGUF sources: every other
-    weight's exact blocks are the reference's values, so both measure against the same model.)"""
+    with the same 4-bit form, and the export computes what the report says it wrote. (GGUF sources: `mixed`
+    measures on the model as written, whose re-blocked down_proj (rows of 128) is within half an 8-bit step of the
+    file's values; `head` on the streamed reference's own values: 1e-3 apart here, hence rel=1e-2.)"""
     ckpt = open_checkpoint(write_tiny_gguf(tmp_path / "tied.gguf", "tiny")) if tied else gguf_ckpt
     whole = _head_kl(ckpt, tmp_path, "mixed", 1e9)[0] if tied else mixed(1e9)[1]
     report, out = _head_kl(ckpt, tmp_path, "head", 1e9)
     cal = report["calibration"]
     assert list(cal["groups"]) == ["head"] and cal["method"].startswith("head")
     kl = cal["groups"]["head"]["kl"]
-    assert kl > 1e-5 and kl == pytest.approx(whole["calibration"]["groups"]["head"]["kl"], rel=1e-3)
+    assert kl > 1e-5 and kl == pytest.approx(whole["calibration"]["groups"]["head"]["kl"], rel=1e-2)
     head = "model.embed_tokens.weight" if tied else "lm_head.weight"
     assert report["quantized"][head]["from"] == "mixed"
     others = {q["from"] for n, q in report["quantized"].items() if n != head}
-    assert "mixed" not in others  # every other weight as --quantizer exact
+    assert "mixed" not in others  # every other weight as --quantizer reblock
     assert cal["held_aside_tokens"] > 0 and cal["held_aside_perplexity_increase"] is not None
     ref = dequantized_reference(ckpt, report, out)
     d = onnx_parity(out, ref, PROMPTS, 4, TINY_INT4_DEQUANTIZED)
