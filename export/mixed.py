@@ -1,9 +1,10 @@
 """The mixed 4-bit recipe (`--quantizer mixed`): per group of weights, 4-bit or its wider form, chosen by measured
 sensitivity.
 
-A GGUF's 5-, 6- and 8-bit tensors travel as 8-bit codes (on blocks of 128, as `--quantizer reblock` writes them:
-about twice the bytes of 4-bit); a float checkpoint's weights go as 8-bit round-to-nearest. Decode on a CPU reads
-every weight once per token, so each tensor moved to 4-bit saves about half its bytes and costs some quality. Which ones: measured on the model itself.
+A GGUF's 5-, 6- and 8-bit tensors travel as 8-bit codes (on blocks of 128 where that divides the row, as
+`--quantizer reblock` writes them: about twice the bytes of 4-bit); a float checkpoint's weights go as 8-bit
+round-to-nearest. Decode on a CPU reads every weight once per token, so each tensor moved to 4-bit saves about half
+its bytes and costs some quality. Which ones: measured on the model itself.
 
 The calibration text (the shipped one unless --calibration: never the text perplexity is reported on) is split
 three ways (`_split`): CALIBRATION_TOKENS that GPTQ fits on, the next SENSITIVITY_TOKENS that each group's KL is

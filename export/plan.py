@@ -30,16 +30,15 @@ QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "head": "head",
               "reblock": "gguf-reblock", "rtn": "requantize"}
 CALIBRATED_RECIPES = ("calibrated", "head", "mixed")  # the recipes that run the model on a calibration text
 CHOOSING_RECIPES = ("head", "mixed")  # 4-bit or wide per group, by measured sensitivity (--max-kl)
-ONNX_RECIPES = CHOOSING_RECIPES + ("gguf-reblock",)  # ONNX only
-# A GGUF's 8-bit codes (Q5_0, Q8_0, Q6_K) on blocks of 128 instead of the file's 32 or 16 (quant.carried_spec):
-# reblock, and the ONNX-only recipes that choose between 4-bit and those codes (calibrated keeps a GGUF's blocks
-# exactly where it keeps them, as on Core ML)
+# ONNX only, and each writes a GGUF's 8-bit codes (Q5_0, Q8_0, Q6_K) on blocks of 128 instead of the file's 32 or
+# 16 (quant.carried_spec): reblock, and the recipes that choose between 4-bit and those codes (calibrated keeps a
+# GGUF's blocks exactly where it keeps them, as on Core ML)
 REBLOCKING_RECIPES = ("gguf-reblock",) + CHOOSING_RECIPES
 # ONNX int4's default from a GGUF, reblock: its 4-bit blocks as they are, its 5/6/8-bit ones as 8-bit codes on
 # blocks of 128, which ORT's CPU kernel runs ~1.3x faster than the file's 32 or 16. On the real 0.5B GGUF (README,
 # AMD EPYC, 2026-12-07): perplexity +0.10% over fp32 (exact +0.21%), export 25 s / 1.6 GiB, decode and prefill
-# ahead of exact (README table). head and mixed (a 4-bit head / 4-bit groups by GPTQ) measured no faster once
-# re-blocked, and less exact. exact where it does not apply (`_default_quantizer`).
+# ahead of exact (README table). head (a 4-bit LM head by GPTQ) measured no faster once the rest was re-blocked,
+# and less exact; mixed needs the fp32 model in memory. exact where it does not apply (`_default_quantizer`).
 DEFAULT_QUANTIZER = "reblock"
 DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says
     "onnx": {"device": None, "dtype": "fp32", "lowering": "fused"},
@@ -210,7 +209,7 @@ def make_plan(target: str, ckpt: Checkpoint, *, dtype: str | None = None,
     if calibration is not None and recipe not in CALIBRATED_RECIPES:
         raise Qwen2Error("--calibration applies to the calibrated, head and mixed quantizers (int4, --quantizer "
                          "calibrated, head or mixed)")
-    if recipe in ONNX_RECIPES and target != "onnx":
+    if recipe in REBLOCKING_RECIPES and target != "onnx":
         raise Qwen2Error(f"--quantizer {quantizer} applies to ONNX int4 (Core ML int4 takes exact, calibrated or "
                          "rtn)")
     if max_kl is not None and recipe not in CHOOSING_RECIPES:
