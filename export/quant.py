@@ -123,8 +123,8 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec = RTN4, shrinks: tuple[float, 
     return Quantized(codes.reshape(n, nb * b)[:, :k].numpy(), scales.numpy(), zeros.numpy(), spec)
 
 
-def _rtn_rows(x: torch.Tensor, qmax: int, shrinks: tuple[float, ...] = _SHRINK
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rtn_rows(x: torch.Tensor, qmax: int,
+              shrinks: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s, z = _fit_blocks(x, qmax, None, shrinks)
     q = torch.round(x / s[..., None] + z[..., None]).clamp_(0, qmax)
     return q.to(torch.uint8), s, z.to(torch.uint8)
