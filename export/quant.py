@@ -9,11 +9,14 @@ Two ways in:
 - re-blocked from a GGUF file (`carried_spec(..., reblock=True)`): the 4-bit grids as above, the 8-bit codes
   re-quantized to 8 bits on blocks of 128 (`WIDE_BLOCK`) from the exact values, off by at most 1/510 of a block's
   range: the same kernel runs them ~1.3x faster than on llama.cpp's blocks of 32 or 16 (rows of a multiple of 128
-  weights: every Qwen2 size's).
+  weights: every Qwen2 size's); the float zero points of Q4_K / Q4_1 folded into the matmul (`QuantSpec.folded`:
+  integer zero points, the remainder as 8-bit codes on extra input columns that carry the input's block sums),
+  each weight off by at most 1/510 of its group's remainder range, with no extra node per weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +29,15 @@ class QuantSpec:
     block: int  # elements per block along K
     float_zp: bool = False  # zero points stored as floats (same type as scales) instead of uint8
     source: str = "rtn"  # "rtn" (re-quantized from floats) or the GGUF type carried over ("Q4_K", ...)
+    # float zero points only: stored as the nearest integer zero points plus each block's remainder as 8-bit codes
+    # in extra columns of the same MatMulNBits, whose input gets the block sums appended (`Quantized.folded`)
+    folded: bool = False
 
     def shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
         nb = -(-k // self.block)
-        zp = (n * nb,) if (self.float_zp or self.bits == 8) else (n * -(-nb // 2),)
+        if self.folded:
+            nb = folded_blocks(nb, self.block)
+        zp = (n * nb,) if ((self.float_zp and not self.folded) or self.bits == 8) else (n * -(-nb // 2),)
         return {"B": (n, nb, self.block * self.bits // 8), "scales": (n * nb,), "zero_points": zp}
 
 
@@ -44,8 +52,37 @@ class Quantized:
     spec: QuantSpec
 
     def dequantize(self) -> np.ndarray:
+        if self.spec.folded:
+            z, rest = self.folded()
+            w = _apply_blocks(self.codes.astype(np.float32), self.spec.block, lambda c, s, z: (c - z) * s,
+                              self.scales, z)
+            return (w.reshape(w.shape[0], -1, self.spec.block) + rest[..., None]).reshape(w.shape)
         return _apply_blocks(self.codes.astype(np.float32), self.spec.block,
                              lambda c, s, z: (c - z) * s, self.scales, self.zero_points.astype(np.float32))
+
+    def folded(self, parts: bool = False):
+        """Float zero points zf as MatMulNBits can run them fast: (q − zf)·s = (q − z)·s + r with z the nearest
+        integer (uint8 zero points) and r = (z − zf)·s each block's remainder, which is the weight of the input's
+        block sum. The remainders of `block` consecutive blocks of a row (a group) share one 8-bit grid: scale σ,
+        zero point Z, codes c, so r ≈ σ·(c − Z), within σ/2 = 1/510 of the group's range (which holds 0).
+        Returns (z, the remainders as stored: (N, nb)); with `parts`, (z, c, σ, Z) with c (N, groups, block)."""
+        spec = self.spec
+        zf = self.zero_points.astype(np.float32)
+        z = np.clip(np.round(zf), 0, (1 << spec.bits) - 1).astype(np.float32)
+        r = (self.scales * (z - zf)).astype(np.float32)
+        n, nb = r.shape
+        groups = -(-nb // spec.block)
+        rg = np.zeros((n, groups * spec.block), np.float32)
+        rg[:, :nb] = r
+        rg = rg.reshape(n, groups, spec.block)
+        lo, hi = np.minimum(rg.min(-1), 0), np.maximum(rg.max(-1), 0)
+        sigma = ((hi - lo) / 255).astype(np.float32)
+        sigma = np.where(sigma > 0, sigma, np.float32(1))
+        zr = np.clip(np.round(-lo / sigma), 0, 255)
+        c = np.clip(np.round(rg / sigma[..., None]) + zr[..., None], 0, 255)
+        if parts:
+            return z, c.astype(np.uint8), sigma, zr.astype(np.uint8)
+        return z, (sigma[..., None] * (c - zr[..., None])).reshape(n, -1)[:, :nb]
 
     def rows(self, start: int, stop: int) -> "Quantized":
         return Quantized(self.codes[start:stop], self.scales[start:stop], self.zero_points[start:stop], self.spec)
@@ -62,6 +99,8 @@ class Quantized:
         else:
             b = codes
         out = {"B": b.reshape(n, nb, spec.block * spec.bits // 8), "scales": self.scales.reshape(-1)}
+        if spec.folded:
+            return self._pack_folded(out["B"])
         if spec.float_zp:
             zf = self.zero_points.astype(np.float32)
             out["zero_points"] = zf.reshape(-1)
@@ -75,6 +114,25 @@ class Quantized:
         else:
             out["zero_points"] = _pack_zero_points(self.zero_points.astype(np.uint8), spec.bits)
         return out
+
+    def _pack_folded(self, main: np.ndarray) -> dict[str, np.ndarray]:
+        """One MatMulNBits over K + 2·G·block columns: the weight's blocks with integer zero points, then G blocks
+        of the remainders' low 4-bit digits (scale σ), then G of their high digits (scale 16·σ), zero points the
+        digits of Z; both read the input's block sums (`_folded_input` in export/onnx/linears.py): σ·(c_lo − Z_lo)·Σx
+        + 16·σ·(c_hi − Z_hi)·Σx = σ·(c − Z)·Σx."""
+        assert self.spec.bits == 4, self.spec
+        z, c, sigma, zr = self.folded(parts=True)
+        n, groups, block = c.shape
+        digits = np.concatenate([c & 15, c >> 4], axis=1)  # (N, 2G, block): low digits' blocks, then high
+        b = np.concatenate([main, (digits[..., 0::2] | (digits[..., 1::2] << 4)).astype(np.uint8)], axis=1)
+        scales = np.concatenate([self.scales, sigma, 16 * sigma], axis=1).astype(np.float32)
+        zps = np.concatenate([z.astype(np.uint8), zr & 15, zr >> 4], axis=1)
+        return {"B": b, "scales": scales.reshape(-1), "zero_points": _pack_zero_points(zps, 4)}
+
+
+def folded_blocks(nb: int, block: int) -> int:
+    """Blocks of a folded MatMulNBits row: the weight's nb, then the remainders' low and high digit blocks."""
+    return nb + 2 * -(-nb // block)
 
 
 def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
@@ -320,8 +378,10 @@ WIDE_BLOCK = 128
 def carried_spec(gtype: str, reblock: bool, row: int) -> QuantSpec:
     """How a GGUF tensor of type `gtype` with rows of `row` weights travels: its exact blocks, or with `reblock`
     its 8-bit codes (Q5_0, Q8_0, Q6_K) re-quantized to 8 bits on blocks of WIDE_BLOCK where that divides the row
-    (4-bit grids stay exact either way)."""
+    and its float zero points (Q4_K, Q4_1) folded (`QuantSpec.folded`); the 4-bit codes stay the file's."""
     spec = GGUF_EXACT[gtype][2]
+    if reblock and spec.float_zp:
+        return dataclasses.replace(spec, folded=True)
     return QuantSpec(8, WIDE_BLOCK, source=gtype) if reblock and spec.bits == 8 and row % WIDE_BLOCK == 0 else spec
 
 
@@ -390,7 +450,8 @@ def quantize_from_gguf(gtype: str, raw: np.ndarray, w: np.ndarray, spec: QuantSp
     """Carry a GGUF tensor's blocks over: codes recovered from the dequantized values `w` (rows, K) and the block
     parameters read from `raw`; checked to reproduce `w`. A `spec` other than the exact one is `carried_spec`'s
     re-blocked 8-bit (`quantize_reblocked`)."""
-    if spec is not None and spec != GGUF_EXACT[gtype][2]:
+    folded = spec is not None and spec.folded
+    if spec is not None and not folded and spec != GGUF_EXACT[gtype][2]:
         return quantize_reblocked(torch.from_numpy(w), spec)
     spec = GGUF_EXACT[gtype][2]
     scale, zp = gguf_block_params(gtype, raw)
@@ -402,4 +463,4 @@ def quantize_from_gguf(gtype: str, raw: np.ndarray, w: np.ndarray, spec: QuantSp
     err = np.abs(q.dequantize() - w).max() if w.size else 0.0
     if not err <= 1e-5 * max(1.0, float(np.abs(w).max())):
         raise ValueError(f"{gtype} blocks could not be carried over exactly (max error {err:.3g})")
-    return q
+    return dataclasses.replace(q, spec=dataclasses.replace(spec, folded=True)) if folded else q

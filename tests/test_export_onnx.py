@@ -169,20 +169,21 @@ def _offsets_graph(packed: dict, zero_points: np.ndarray | None, accuracy_level:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    n, nb = packed["B"].shape[:2]
     ins = ["x", "B", "scales"] + (["zp"] if zero_points is not None else [])
-    nodes = [helper.make_node("MatMulNBits", ins, ["y0"], domain="com.microsoft", K=128, N=40, bits=4, block_size=32,
-                              accuracy_level=accuracy_level),
+    nodes = [helper.make_node("MatMulNBits", ins, ["y0"], domain="com.microsoft", K=nb * 32, N=n, bits=4,
+                              block_size=32, accuracy_level=accuracy_level),
              helper.make_node("Reshape", ["x", "shape"], ["xb"]),
              helper.make_node("ReduceSum", ["xb", "axes"], ["xs"], keepdims=0),
              helper.make_node("MatMul", ["xs", "offsets"], ["y1"]),
              helper.make_node("Add", ["y0", "y1"], ["y"])]
     inits = [numpy_helper.from_array(packed["B"], "B"), numpy_helper.from_array(packed["scales"], "scales"),
              numpy_helper.from_array(np.ascontiguousarray(packed["offsets"].T), "offsets"),
-             numpy_helper.from_array(np.array([0, 0, 4, 32], dtype=np.int64), "shape"),
+             numpy_helper.from_array(np.array([0, 0, nb, 32], dtype=np.int64), "shape"),
              numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")]
     if zero_points is not None:
         inits.append(numpy_helper.from_array(zero_points, "zp"))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 128])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, nb * 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(),
@@ -222,6 +223,87 @@ def test_float_zero_points_as_integer_zero_points_plus_offsets():
     assert rel(_offsets_graph(old, None, 0).run(None, {"x": x})[0]) <= 1e-4  # also exact in fp32 (up to rounding)
     int8_old = rel(_offsets_graph(old, None, 4).run(None, {"x": x})[0])
     assert int8 < 0.03 and int8_old > 10 * int8, (int8, int8_old)
+
+
+def _float_zp_blocks(n: int, k: int, seed: int):
+    """4-bit blocks of 32 with float zero points (as GGUF Q4_K / Q4_1 carry over), three of them constant blocks
+    (a zero GGUF scale: scale 1, codes 0, zero point = the constant, as `quant._float_zp` carries them)."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    w = torch.randn(n, k, generator=g) * 0.01
+    w += (torch.randn(n, k // 32, 1, generator=g) * 0.006).expand(n, k // 32, 32).reshape(n, k)
+    q = quantize_rtn(w, QuantSpec(4, 32))
+    q.zero_points = q.zero_points.astype(np.float32) + rng.uniform(-0.5, 0.5, q.zero_points.shape).astype(np.float32)
+    q.zero_points[5, 2] = 17.3  # a block below zero throughout: its zero point clips to 15, a remainder of 2.3 steps
+    for r, b in [(3, 1), (17, 2), (30, 0)]:
+        q.codes[r, 32 * b:32 * b + 32], q.scales[r, b], q.zero_points[r, b] = 0, 1.0, 0.002
+    return q
+
+
+@pytest.mark.parametrize("k", [128, 1280])
+def test_folded_float_zero_points_compute_their_weights(k):
+    """The default (`reblock`) lowering of float zero points, built by the exporter's own lowering pass: one
+    MatMulNBits over [x, block sums of x, block sums of x] (the remainders s·(z − zf) as 8-bit codes split into two
+    4-bit digits, one group of 32 blocks per scale; 1280 columns: two groups, the second padded).
+    - the stored weights (read back as the gate's dequantized reference reads them) are `Quantized.dequantize()`'s,
+      each within half an 8-bit step of its group's remainder range of the float-zero-point weight;
+    - fp32 (accuracy level 0): x @ those weightsᵀ up to rounding, so the graph and the packing agree;
+    - int8 activations (level 4, what exports run): as close to the float-zero-point weights as the exact form
+      (`blocksum(x) @ offsets` in fp32, `--quantizer exact`), on inputs with outlier channels."""
+    import dataclasses
+
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from export.onnx.linears import lower_linears
+    from export.onnx.verify import _dequantize_nbits
+
+    q = _float_zp_blocks(40, k, 2)
+    q.spec = QuantSpec(4, 32, True)
+    exact = q.dequantize()
+    folded = dataclasses.replace(q, spec=QuantSpec(4, 32, True, folded=True))
+    got_w = folded.dequantize()
+    z = np.clip(np.round(q.zero_points), 0, 15)
+    rest = (q.scales * (z - q.zero_points)).reshape(40, -1)  # each block's remainder
+    groups = -(-rest.shape[1] // 32)
+    pad = np.zeros((40, groups * 32), np.float32)
+    pad[:, :rest.shape[1]] = rest
+    span = (np.maximum(pad.reshape(40, groups, 32).max(-1), 0) - np.minimum(pad.reshape(40, groups, 32).min(-1), 0))
+    bound = np.repeat(np.repeat(span / 510, 32, axis=1)[:, :rest.shape[1]], 32, axis=1) * (1 + 1e-4) + 1e-7
+    err = np.abs(got_w - exact)
+    assert (err <= bound).all() and err.max() > 0, float((err / bound).max())
+    packed = folded.pack()
+    np.testing.assert_allclose(_dequantize_nbits({"q4": packed["B"], "scales": packed["scales"],
+                                                  "zero_points": packed["zero_points"]}, 4, 32, folded=True),
+                               got_w, rtol=0, atol=1e-6)
+
+    def run(level: int) -> np.ndarray:
+        x_in = ir.Value(name="x", shape=ir.Shape([None, None, k]), type=ir.TensorType(ir.DataType.FLOAT))
+        w = ir.Value(name="w", shape=ir.Shape([40, k]), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(exact))
+        t = ir.Node("", "Transpose", [w], [ir.Attr("perm", ir.AttributeType.INTS, [1, 0])])
+        mm = ir.Node("", "MatMul", [x_in, t.outputs[0]])
+        mm.outputs[0].name = "y"
+        graph = ir.Graph([x_in], [mm.outputs[0]], nodes=[t, mm], initializers=[w],
+                         opset_imports={"": 21, "com.microsoft": 1})
+        model = ir.Model(graph, ir_version=10)
+        uses = lower_linears(model, {"w": folded.spec}, accuracy_level=level)
+        assert [n.op_type for n in graph] == ["Reshape", "ReduceSum", "Pad", "Concat", "MatMulNBits"]
+        for key, v in zip(uses["w"].keys, uses["w"].outputs):
+            v.const_value = ir.tensor(packed[key].reshape(tuple(v.shape.numpy())))
+        sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 8, k)) * 0.05).astype(np.float32)
+    x[..., [17, 40, 90]] *= 300.0  # outlier channels
+    fp32 = run(0)
+    assert np.abs(fp32 - x @ got_w.T).max() <= 1e-5 * np.abs(x @ got_w.T).max()
+    want = x @ exact.T
+    rel = lambda got: float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()))  # noqa: E731
+    packed_exact = q.pack()
+    offsets = rel(_offsets_graph(packed_exact, packed_exact["zero_points_int"], 4).run(None, {"x": x})[0])
+    assert rel(run(4)) <= 1.05 * offsets + 1e-4, (rel(run(4)), offsets)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, 32), QuantSpec(8, 16), QuantSpec(4, 32, True)])

@@ -38,12 +38,13 @@ def test_int4_export_quality(real_exports, real_tokenizer, text_ids):
     root, reports = real_exports
     rep = reports["int4"]
     assert rep["parity"]["passed"]
-    # the default recipe (reblock): every weight from its GGUF grid, the file's 4-bit blocks (Q4_K) as they are,
-    # its 5/6/8-bit ones (Q5_0, Q6_K, Q8_0; the LM head is Q8_0) as 8-bit codes on blocks of 128
+    # the default recipe (reblock): every weight from its GGUF grid, the file's 4-bit blocks (Q4_K) with their
+    # codes and scales and their float zero points folded, its 5/6/8-bit ones (Q5_0, Q6_K, Q8_0; the LM head is
+    # Q8_0) as 8-bit codes on blocks of 128
     assert rep["plan"]["recipe"] == "gguf-reblock"
     q = rep["quantized"]
-    assert {(v["from"], v["bits"], v["block"]) for v in q.values()} == {
-        ("Q4_K", 4, 32), ("Q5_0", 8, 128), ("Q6_K", 8, 128), ("Q8_0", 8, 128)}, q
+    assert {(v["from"], v["bits"], v["block"], v.get("folded", False)) for v in q.values()} == {
+        ("Q4_K", 4, 32, True), ("Q5_0", 8, 128, False), ("Q6_K", 8, 128, False), ("Q8_0", 8, 128, False)}, q
     assert (q["lm_head.weight"]["bits"], q["lm_head.weight"]["block"]) == (8, 128)
     results = {}
     for dtype in ("fp32", "int4"):  # one session at a time

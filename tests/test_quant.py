@@ -3,6 +3,8 @@ layer whose inputs have outlier channels must beat plain round-to-nearest's — 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -244,8 +246,9 @@ def test_default_int4_recipe():
 def test_reblocked_gguf_codes_are_within_half_a_step_of_the_file(gtype, k):
     """8-bit codes (Q5_0, Q8_0, Q6_K) move to blocks of 128 where 128 divides the row, unclipped: every weight
     within half an 8-bit step (1/510 of its block's range) of gguf-py's dequantization of the file's bytes
-    (llama.cpp's reader: an independent implementation); 4-bit grids, and rows 128 does not divide, are carried
-    exactly as before."""
+    (llama.cpp's reader: an independent implementation); Q4_K keeps the file's codes with its float zero points
+    folded (integer zero points + remainders on an 8-bit grid: within 1/510 of the remainders' range); Q4_0, and
+    rows 128 does not divide, are carried exactly as before."""
     import gguf
 
     from export.quant import GGUF_EXACT, WIDE_BLOCK, carried_spec, quantize_from_gguf
@@ -264,6 +267,15 @@ def test_reblocked_gguf_codes_are_within_half_a_step_of_the_file(gtype, k):
     spec = carried_spec(gtype, reblock=True, row=k)
     q = quantize_from_gguf(gtype, raw, want, spec)
     got = q.dequantize()
+    if GGUF_EXACT[gtype][2].float_zp:  # Q4_K: the file's codes and scales, the zero points folded
+        assert spec == dataclasses.replace(GGUF_EXACT[gtype][2], folded=True)
+        exact = quantize_from_gguf(gtype, raw, want)  # checked there against the file's values
+        np.testing.assert_array_equal(q.codes, exact.codes)
+        rest = exact.scales * (np.clip(np.round(exact.zero_points), 0, 15) - exact.zero_points)
+        span = np.maximum(rest.max(1), 0) - np.minimum(rest.min(1), 0)  # k <= 1024: one group of 32 blocks a row
+        err = np.abs(got - want)
+        assert (err <= span[:, None] / 510 * (1 + 1e-4) + 1e-7).all() and err.max() > 0
+        return
     if GGUF_EXACT[gtype][2].bits == 4 or k % WIDE_BLOCK:
         assert spec == GGUF_EXACT[gtype][2]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
@@ -280,6 +292,66 @@ def test_reblocked_gguf_codes_are_within_half_a_step_of_the_file(gtype, k):
     bound = np.repeat(span / 510, WIDE_BLOCK, axis=1)[:, :k] * (1 + 3e-4) + 1e-7
     assert (err <= bound).all(), float((err / bound).max())
     assert err.max() > 0  # a different grid: not the file's codes passed through
+
+
+def test_folded_zero_points_export_computes_its_reference():
+    """A GGUF whose linears are Q4_K and Q4_1 (float zero points): the default int4 ONNX export folds them (integer
+    zero points and the remainders in one MatMulNBits over [x, block sums, block sums]; one folded input per
+    distinct x, shared by the packed q/k/v and by gate/up; no offsets MatMul), `--quantizer exact` keeps a separate
+    fp32 `blocksum(x) @ offsets` per weight. Prefill and decode, for both:
+    - against the GGUF's floats within the int4 tolerance;
+    - with fp32 activations (accuracy level 0), against the written weights dequantized, up to fp32 rounding: the
+      graph computes exactly what it stores;
+    - with int8 activations (what exports run), the folded form as close to its written weights as the exact form
+      to its own (these random K-quant blocks are larger than real ones, so both sit above TINY_INT4_DEQUANTIZED)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from export.onnx import dequantized_reference, export_onnx, reference_model
+    from export.tolerances import TINY, Tolerance
+    from qwen2_ref.checkpoint import open_checkpoint
+
+    from .conftest import onnx_parity
+    from .damaged import write_tiny_gguf
+
+    types = {"attn_q.weight": "Q4_K", "attn_k.weight": "Q4_K", "attn_v.weight": "Q4_K", "attn_output.weight": "Q4_K",
+             "ffn_gate.weight": "Q4_K", "ffn_up.weight": "Q4_K", "ffn_down.weight": "Q4_1"}
+    cfg = from_name("tiny").replace(hidden_size=256, intermediate_size=256)  # Q4_K's super-blocks of 256
+    prompts = [[5, 9, 200, 31, 77, 12], [8, 1, 3]]
+    L = cfg.num_hidden_layers
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = open_checkpoint(write_tiny_gguf(Path(d) / "t.gguf", cfg, types))
+        int8 = {}
+        for quantizer in (None, "exact"):
+            out = Path(d) / f"out-{quantizer}"
+            kw = {} if quantizer is None else {"quantizer": quantizer}
+            report = export_onnx(ckpt, make_plan("onnx", ckpt, dtype="int4", out=out, verify=False, **kw))
+            linears = {n: v for n, v in report["quantized"].items() if ".layers." in n}
+            assert len(linears) == 7 * L
+            assert all((v["from"] in ("Q4_K", "Q4_1"), v["bits"], v["block"], v.get("folded", False))
+                       == (True, 4, 32, quantizer is None) for v in linears.values()), linears
+            model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+            ops = [n.op_type for n in model.graph.node]
+            qkv = sum("qkv" in n.name and n.op_type == "MatMulNBits" for n in model.graph.node)
+            folded = sum(n.op_type == "Concat" and n.name.endswith("/folded/concat") for n in model.graph.node)
+            if quantizer is None:
+                assert (qkv, folded, ops.count("MatMul")) == (L, 4 * L, 0), ops
+            else:
+                assert (qkv, folded, ops.count("MatMul")) == (0, 0, 7 * L), ops
+            p = onnx_parity(out, reference_model(ckpt), prompts, 4, TINY["int4"])
+            assert p.max_abs_logits <= TINY["int4"].max_abs_logits, p
+            written = dequantized_reference(ckpt, report, out)
+            int8[quantizer] = onnx_parity(out, written, prompts, 4, Tolerance(1.0, 0.0)).max_abs_logits
+            for n in model.graph.node:  # the same graph with fp32 activations
+                for a in n.attribute:
+                    if a.name == "accuracy_level":
+                        a.i = 0
+            onnx.save(model, str(out / "model.onnx"))
+            r = onnx_parity(out, written, prompts, 4, TINY["fp32"])
+            assert r.max_abs_logits <= TINY["fp32"].max_abs_logits, r
+        assert int8[None] <= 1.1 * int8["exact"] + 1e-3, int8
 
 
 @pytest.mark.parametrize("quantizer", [None, "head"])

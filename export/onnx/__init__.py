@@ -128,6 +128,7 @@ def build_onnx(ckpt: Checkpoint, folder: Path, plan: ExportPlan, num_layers: int
     t_write = time.perf_counter() - t1
     write_metadata(folder, cfg, prec, plan.context)
     quantized = {u.source: {"bits": u.spec.bits, "block": u.spec.block, "from": u.spec.source}
+                 | ({"folded": True} if u.spec.folded else {})
                  | ({"output_error": round(calibrated[u.source].error, 6)} if u.source in calibrated else {})
                  for use in uses.values() for u in (use.parts or (use,)) if u.spec is not None}
     return {"ops": ops_histogram(model), "trace_s": round(t_trace, 2), "write_s": round(t_write, 2),

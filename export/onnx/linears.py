@@ -1,18 +1,20 @@
 """Linear layers lowered for ONNX Runtime: `MatMul` on pre-transposed weights, `MatMulNBits` for block-quantized
-weights (with a float-zero-point variant as symmetric blocks + offsets), a vocab-wide or tied head as `Gemm` on the
+weights (float zero points as integer ones plus per-block offsets: folded into the same MatMulNBits as extra input
+columns, or as a separate `MatMul` for the exact form), a vocab-wide or tied head as `Gemm` on the
 stored table, and `GatherBlockQuantized` for a quantized embedding. Returns the storage plan of every initializer
 (`WeightUse`), which weights.py follows when it streams the checkpoint in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 import onnx_ir as ir
 
-from ..quant import QuantSpec
+from ..quant import QuantSpec, folded_blocks
 from .irutil import MS_DOMAIN, initializer, node, replace
 
 # MatMulNBits with int8-quantized activations (ORT's fast CPU path), as onnxruntime-genai's CPU int4 uses.
@@ -53,6 +55,7 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
     """
     g = model.graph
     uses: dict[str, WeightUse] = {n: WeightUse(n, WeightKind.PLAIN, [v]) for n, v in g.initializers.items()}
+    folded_inputs: dict[int, ir.Value] = {}
     for nd in list(g):
         if nd.op_type != "Transpose" or nd.domain != "":
             continue
@@ -68,10 +71,12 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
         gathered = any(u.op_type == "Gather" for u, _ in w.uses())
         n_out, k_in = w.shape[0], w.shape[1]
         spec = quant.get(w.name) if quant else None
-        if spec is not None and _offsets_apply(spec, k_in, consumers) and not gathered:
+        if spec is not None and spec.folded and (gathered or not _offsets_apply(spec, k_in, consumers)):
+            spec = dataclasses.replace(spec, folded=False)  # a gathered table keeps one layout: the exact one
+        if spec is not None and _offsets_apply(spec, k_in, consumers) and not gathered and not spec.folded:
             uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in, accuracy_level)
         elif spec is not None:
-            uses[w.name] = _matmul_nbits(g, w, consumers, spec, n_out, k_in, accuracy_level)
+            uses[w.name] = _matmul_nbits(g, w, consumers, spec, n_out, k_in, accuracy_level, folded_inputs)
             if gathered:  # tied: the embedding gathers from the head's quantized blocks (stored once)
                 if not _gather_quantized(g, w, spec, tuple(uses[w.name].outputs)):
                     uses[w.name].outputs.insert(0, w)  # float zero points: GatherBlockQuantized can't; keep floats
@@ -91,7 +96,9 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
             uses[wt.name] = WeightUse(wt.name, WeightKind.TRANSPOSED, [wt])
         g.remove(nd, safe=True)
     if quant:
-        _quantize_gemms(g, quant, uses, accuracy_level)
+        _quantize_gemms(g, quant, uses, accuracy_level, folded_inputs)
+    if folded_inputs:
+        g.sort()  # a shared folded input was built before the first consumer lowered, not the first in the graph
     emb = g.initializers.get("model.embed_tokens.weight")
     spec = quant.get("model.embed_tokens.weight") if quant else None
     if emb is not None and spec is not None and uses["model.embed_tokens.weight"].kind is WeightKind.PLAIN \
@@ -151,8 +158,37 @@ def _offsets_apply(spec: QuantSpec, k_in: int, consumers: list[ir.Node]) -> bool
     return spec.float_zp and spec.bits == 4 and k_in % spec.block == 0 and len(ranks) == 1 and ranks <= {2, 3}
 
 
-def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, WeightUse], accuracy_level: int
-                    ) -> None:
+def _folded_input(g: ir.Graph, mm: ir.Node, block: int, cache: dict[int, ir.Value]) -> ir.Value:
+    """x (…, K) -> [x, S, S] (…, K + 2·G·block), S the sums of x's blocks of `block` (K/block of them) padded with
+    zeros to G·block: the input of a folded MatMulNBits (quant.Quantized._pack_folded: S once against the
+    remainders' low digits, once against their high ones). Built once per x and shared by every folded weight that
+    reads it (q/k/v, gate/up)."""
+    x = mm.inputs[0]
+    if id(x) in cache:
+        return cache[id(x)]
+    rank, k = len(x.shape), x.shape[-1]
+    nb = k // block
+    pad = -(-nb // block) * block - nb
+    tag = f"{x.name}/folded"
+    consts = {"blocks": np.array([0] * (rank - 1) + [nb, block], dtype=np.int64), "axes": np.array([-1], np.int64),
+              "pads": np.array([0] * (2 * rank - 1) + [pad], dtype=np.int64)}
+    vals = {n: ir.Value(name=f"{tag}.{n}", const_value=ir.tensor(a)) for n, a in consts.items() if n != "pads" or pad}
+    for v in vals.values():
+        g.register_initializer(v)
+    nodes = [xb := node("", "Reshape", [x, vals["blocks"]], name=f"{tag}/blocks"),
+             sums := node("", "ReduceSum", [xb.outputs[0], vals["axes"]], {"keepdims": 0}, name=f"{tag}/block_sums")]
+    if pad:
+        nodes.append(sums := node("", "Pad", [sums.outputs[0], vals["pads"]], name=f"{tag}/pad"))
+    nodes.append(cat := node("", "Concat", [x, sums.outputs[0], sums.outputs[0]], {"axis": -1}, name=f"{tag}/concat"))
+    for n in nodes:
+        g.insert_before(mm, n)
+    cat.outputs[0].name = f"{tag}/output"
+    cache[id(x)] = cat.outputs[0]
+    return cat.outputs[0]
+
+
+def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, WeightUse], accuracy_level: int,
+                    folded_inputs: dict[int, ir.Value]) -> None:
     """Linears traced as `Gemm(x2d, W, transB=1)` (the MoE block's shared expert works on flattened tokens) become
     MatMulNBits like the MatMul ones; without this a 57B-A14B int4 export kept 23 GB of fp32 shared experts."""
     for nd in [n for n in g if n.op_type == "Gemm" and n.domain == ""]:
@@ -169,17 +205,21 @@ def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, We
             continue  # also gathered (a tied table): stays float
         consumers = [u for u, _ in w.uses()]
         n_out, k_in = w.shape[0], w.shape[1]
-        if c is None and _offsets_apply(spec, k_in, consumers):
+        if spec.folded and not _offsets_apply(spec, k_in, consumers):
+            spec = dataclasses.replace(spec, folded=False)
+        if c is None and _offsets_apply(spec, k_in, consumers) and not spec.folded:
             uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in, accuracy_level)
         else:
-            uses[w.name] = _matmul_nbits(g, w, consumers, spec, n_out, k_in, accuracy_level)
+            uses[w.name] = _matmul_nbits(g, w, consumers, spec, n_out, k_in, accuracy_level, folded_inputs)
 
 
 def _matmul_nbits(g: ir.Graph, w: ir.Value, consumers: list[ir.Node], spec: QuantSpec, n_out: int, k_in: int,
-                  accuracy_level: int) -> WeightUse:
-    """Each consumer (`MatMul(x, Wᵀ)` or `Gemm(x, W, transB=1[, bias])`) -> `MatMulNBits(x, W quantized[, bias])`."""
+                  accuracy_level: int, folded_inputs: dict[int, ir.Value] | None = None) -> WeightUse:
+    """Each consumer (`MatMul(x, Wᵀ)` or `Gemm(x, W, transB=1[, bias])`) -> `MatMulNBits(x, W quantized[, bias])`;
+    folded float zero points (`QuantSpec.folded`): `MatMulNBits([x, block sums of x], ·)` over the longer rows."""
     shapes = spec.shapes(n_out, k_in)
-    zdt = w.dtype if spec.float_zp else ir.DataType.UINT8
+    zdt = w.dtype if spec.float_zp and not spec.folded else ir.DataType.UINT8
+    k = folded_blocks(k_in // spec.block, spec.block) * spec.block if spec.folded else k_in
     b = initializer(f"{w.name}.q{spec.bits}", ir.DataType.UINT8, shapes["B"])
     sc = initializer(f"{w.name}.scales", w.dtype, shapes["scales"])
     zp = initializer(f"{w.name}.zero_points", zdt, shapes["zero_points"])
@@ -187,9 +227,10 @@ def _matmul_nbits(g: ir.Graph, w: ir.Value, consumers: list[ir.Node], spec: Quan
         g.register_initializer(v)
     for nd in consumers:
         bias = nd.inputs[2] if nd.op_type == "Gemm" and len(nd.inputs) > 2 else None
-        ins = [nd.inputs[0], b, sc, zp] + ([None, bias] if bias is not None else [])
+        x = _folded_input(g, nd, spec.block, folded_inputs) if spec.folded else nd.inputs[0]
+        ins = [x, b, sc, zp] + ([None, bias] if bias is not None else [])
         replace(g, nd, node(MS_DOMAIN, "MatMulNBits", ins,
-                                {"K": k_in, "N": n_out, "bits": spec.bits, "block_size": spec.block,
+                                {"K": k, "N": n_out, "bits": spec.bits, "block_size": spec.block,
                                  "accuracy_level": accuracy_level}, name=f"{w.name}/MatMulNBits"))
     return WeightUse(w.name, WeightKind.QUANTIZED, [b, sc, zp], spec)
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from ..gate import Step
+from ..quant import folded_blocks
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -122,12 +123,13 @@ def read_dequantized(folder: Path, report: dict, cfg) -> dict[str, np.ndarray]:
         arr = {k: numpy_helper.to_array(inits[f"{base}.{k}"]) for k in (f"q{q['bits']}", "scales", "zero_points",
                                                                          "zero_points_int", "offsets")
                if f"{base}.{k}" in inits}
-        out[name] = _dequantize_nbits(arr, q["bits"], q["block"])[lo:hi]
+        out[name] = _dequantize_nbits(arr, q["bits"], q["block"], q.get("folded", False))[lo:hi]
     return out
 
 
-def _dequantize_nbits(arr: dict[str, np.ndarray], bits: int, block: int) -> np.ndarray:
-    """MatMulNBits' (B, scales, zero_points | offsets) -> float weights (N, K·blocks)."""
+def _dequantize_nbits(arr: dict[str, np.ndarray], bits: int, block: int, folded: bool = False) -> np.ndarray:
+    """MatMulNBits' (B, scales, zero_points | offsets) -> float weights (N, K·blocks). `folded`: the row's last
+    2·G blocks are its remainders' low and high digits (quant.Quantized._pack_folded), added back per block."""
     b = arr[f"q{bits}"]
     n = b.shape[0]
     nb = arr["scales"].size // n
@@ -147,6 +149,12 @@ def _dequantize_nbits(arr: dict[str, np.ndarray], bits: int, block: int) -> np.n
     else:
         z = zp.reshape(n, nb).astype(np.float32)
     w = (codes - z[..., None]) * scales[..., None]
+    if folded:
+        main = next(m for m in range(nb, -1, -1) if folded_blocks(m, block) == nb)
+        g = (nb - main) // 2
+        rest = w[:, main:main + g] + w[:, main + g:]  # σ·(c_lo − Z_lo) + 16·σ·(c_hi − Z_hi), per group
+        w = w[:, :main] + rest.reshape(n, -1)[:, :main, None]
+        nb = main
     if "offsets" in arr:
         w = w + arr["offsets"].T[..., None]
     return w.reshape(n, nb * block).astype(np.float32)
