@@ -1,8 +1,12 @@
 """Write a random Hugging Face checkpoint of any published shape, sharded safetensors, without holding it in RAM.
 
     python bench/make_checkpoint.py --size 7b --out /tmp/ckpt-7b [--layers 2] [--dtype bf16] [--shard-gib 2]
+    python bench/make_checkpoint.py --size 1.5b --out /tmp/q15.gguf --dtype q4_k_m
 
-Weights come from qwen2_ref's RandomSource (deterministic per tensor), one shard in memory at a time.
+Weights come from qwen2_ref's RandomSource (deterministic per tensor), one shard in memory at a time. `--dtype
+q4_k_m` writes one GGUF file with llama.cpp's Q4_K_M type layout instead (Q4_K, with Q6_K for the tied table and for
+attn_v / ffn_down in llama.cpp's "more bits" layers; random K-quant blocks: for speed, not quality; rows must be
+multiples of 256, as from 1.5B up).
 """
 
 from __future__ import annotations
@@ -55,17 +59,36 @@ def write_random_checkpoint(cfg, out: Path, dtype: torch.dtype, shard_bytes: int
     return out
 
 
+def write_q4_k_m_gguf(cfg, out: Path) -> Path:
+    """llama.cpp's Q4_K_M choice of types (llama_tensor_get_type: attn_v and ffn_down get Q6_K in the first and last
+    eighth of the layers and every third between; a tied embedding gets Q6_K; the rest Q4_K)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from damaged import write_tiny_gguf
+
+    n = cfg.num_hidden_layers
+    more = [i for i in range(n) if i < n / 8 or i >= 7 * n / 8 or (i - n // 8) % 3 == 2]
+    types = {f".{i}.{t}.weight": "Q6_K" for i in more for t in ("attn_v", "ffn_down")}
+    # first match wins (by name suffix): attn_output before the untied head's output
+    types |= {"token_embd.weight": "Q6_K", "attn_output.weight": "Q4_K", "output.weight": "Q6_K", "weight": "Q4_K"}
+    return write_tiny_gguf(out, cfg, types)
+
+
 @click.command()
 @click.option("--size", type=click.Choice(list(SIZES)), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--layers", type=click.IntRange(1), default=None, help="Cut to this many layers (same dimensions).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16")
+@click.option("--dtype", type=click.Choice([*DTYPES, "q4_k_m"]), default="bf16")
 @click.option("--shard-gib", type=float, default=2.0)
 def main(size, out, layers, dtype, shard_gib):
     cfg = from_name(size)
     if layers:
         cfg = cfg.replace(num_hidden_layers=layers)
-    write_random_checkpoint(cfg, out, DTYPES[dtype], int(shard_gib * 2**30))
+    if dtype == "q4_k_m":
+        if cfg.hidden_size % 256 or cfg.intermediate_size % 256:
+            raise click.BadParameter(f"{size}'s rows are not multiples of 256 (K-quant super-blocks)", param_hint="--dtype")
+        write_q4_k_m_gguf(cfg, out)
+    else:
+        write_random_checkpoint(cfg, out, DTYPES[dtype], int(shard_gib * 2**30))
     click.echo(f"wrote {out} ({cfg.num_parameters() / 1e9:.2f}B parameters, {dtype})")
 
 
