@@ -66,7 +66,7 @@ def write_q4_k_m_gguf(cfg, out: Path) -> Path:
     from damaged import write_tiny_gguf
 
     n = cfg.num_hidden_layers
-    more = [i for i in range(n) if i < n / 8 or i >= 7 * n / 8 or (i - n // 8) % 3 == 2]
+    more = [i for i in range(n) if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2]
     types = {f".{i}.{t}.weight": "Q6_K" for i in more for t in ("attn_v", "ffn_down")}
     # first match wins (by name suffix): attn_output before the untied head's output
     types |= {"token_embd.weight": "Q6_K", "attn_output.weight": "Q4_K", "output.weight": "Q6_K", "weight": "Q4_K"}

@@ -240,14 +240,46 @@ def _float_zp_blocks(n: int, k: int, seed: int):
     return q
 
 
-@pytest.mark.parametrize("k", [128, 1280])
-def test_folded_float_zero_points_compute_their_weights(k):
+def _lowered_linear(spec: QuantSpec, weight: np.ndarray, level: int, gemm_bias: np.ndarray | None = None,
+                    dtype=None):
+    """One linear as the exporter's own lowering pass leaves it: `MatMul(x (2, 8, K), Transpose(W))`, or with
+    `gemm_bias` `Gemm(x (16, K), W, bias, transB=1)` (the traced form of a MoE block's shared expert); `dtype` an
+    onnx_ir DataType (default FLOAT). Returns (the lowered ir.Model, its WeightUse for W)."""
+    import onnx_ir as ir
+
+    from export.onnx.linears import lower_linears
+
+    dtype = dtype or ir.DataType.FLOAT
+    n, k = weight.shape
+    w = ir.Value(name="w", shape=ir.Shape([n, k]), type=ir.TensorType(dtype),
+                 const_value=ir.tensor(weight.astype(dtype.numpy())))
+    inits = [w]
+    if gemm_bias is None:
+        x = ir.Value(name="x", shape=ir.Shape([None, None, k]), type=ir.TensorType(dtype))
+        t = ir.Node("", "Transpose", [w], [ir.Attr("perm", ir.AttributeType.INTS, [1, 0])])
+        nodes = [t, ir.Node("", "MatMul", [x, t.outputs[0]])]
+    else:
+        x = ir.Value(name="x", shape=ir.Shape([None, k]), type=ir.TensorType(dtype))
+        c = ir.Value(name="c", shape=ir.Shape([n]), type=ir.TensorType(dtype),
+                     const_value=ir.tensor(gemm_bias.astype(dtype.numpy())))
+        inits.append(c)
+        nodes = [ir.Node("", "Gemm", [x, w, c], [ir.Attr("transB", ir.AttributeType.INT, 1)])]
+    nodes[-1].outputs[0].name = "y"
+    graph = ir.Graph([x], [nodes[-1].outputs[0]], nodes=nodes, initializers=inits,
+                     opset_imports={"": 21, "com.microsoft": 1})
+    model = ir.Model(graph, ir_version=10)
+    return model, lower_linears(model, {"w": spec}, accuracy_level=level)["w"]
+
+
+@pytest.mark.parametrize("k,form", [(128, "matmul"), (1280, "matmul"), (2048, "matmul"), (1280, "gemm")])
+def test_folded_float_zero_points_compute_their_weights(k, form):
     """The default (`reblock`) lowering of float zero points, built by the exporter's own lowering pass: one
     MatMulNBits over [x, block sums of x, block sums of x] (the remainders s·(z − zf) as 8-bit codes split into two
-    4-bit digits, one group of 32 blocks per scale; 1280 columns: two groups, the second padded).
+    4-bit digits, one group of 32 blocks per scale; 128 and 1280 columns: one and two groups, the last padded; 2048:
+    two whole groups, no padding), as a MatMul's rank-3 input or a Gemm's rank-2 one with a bias.
     - the stored weights (read back as the gate's dequantized reference reads them) are `Quantized.dequantize()`'s,
       each within half an 8-bit step of its group's remainder range of the float-zero-point weight;
-    - fp32 (accuracy level 0): x @ those weightsᵀ up to rounding, so the graph and the packing agree;
+    - fp32 (accuracy level 0): x @ those weightsᵀ (+ bias) up to rounding, so the graph and the packing agree;
     - int8 activations (level 4, what exports run): as close to the float-zero-point weights as the exact form
       (`blocksum(x) @ offsets` in fp32, `--quantizer exact`), on inputs with outlier channels."""
     import dataclasses
@@ -255,7 +287,6 @@ def test_folded_float_zero_points_compute_their_weights(k):
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from export.onnx.linears import lower_linears
     from export.onnx.verify import _dequantize_nbits
 
     q = _float_zp_blocks(40, k, 2)
@@ -276,34 +307,42 @@ def test_folded_float_zero_points_compute_their_weights(k):
     np.testing.assert_allclose(_dequantize_nbits({"q4": packed["B"], "scales": packed["scales"],
                                                   "zero_points": packed["zero_points"]}, 4, 32, folded=True),
                                got_w, rtol=0, atol=1e-6)
+    rng = np.random.default_rng(3)
+    bias = (rng.standard_normal(40) * 0.1).astype(np.float32) if form == "gemm" else None
+    x = (rng.standard_normal((16, k) if bias is not None else (2, 8, k)) * 0.05).astype(np.float32)
+    x[..., [17, 40, 90]] *= 300.0  # outlier channels
 
     def run(level: int) -> np.ndarray:
-        x_in = ir.Value(name="x", shape=ir.Shape([None, None, k]), type=ir.TensorType(ir.DataType.FLOAT))
-        w = ir.Value(name="w", shape=ir.Shape([40, k]), type=ir.TensorType(ir.DataType.FLOAT),
-                     const_value=ir.tensor(exact))
-        t = ir.Node("", "Transpose", [w], [ir.Attr("perm", ir.AttributeType.INTS, [1, 0])])
-        mm = ir.Node("", "MatMul", [x_in, t.outputs[0]])
-        mm.outputs[0].name = "y"
-        graph = ir.Graph([x_in], [mm.outputs[0]], nodes=[t, mm], initializers=[w],
-                         opset_imports={"": 21, "com.microsoft": 1})
-        model = ir.Model(graph, ir_version=10)
-        uses = lower_linears(model, {"w": folded.spec}, accuracy_level=level)
-        assert [n.op_type for n in graph] == ["Reshape", "ReduceSum", "Pad", "Concat", "MatMulNBits"]
-        for key, v in zip(uses["w"].keys, uses["w"].outputs):
+        model, use = _lowered_linear(folded.spec, exact, level, bias)
+        ops = [n.op_type for n in model.graph]
+        assert ops == ["Reshape", "ReduceSum"] + ["Pad"] * (k % 1024 != 0) + ["Concat", "MatMulNBits"], ops
+        for key, v in zip(use.keys, use.outputs):
             v.const_value = ir.tensor(packed[key].reshape(tuple(v.shape.numpy())))
         sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
         return sess.run(None, {"x": x})[0]
 
-    rng = np.random.default_rng(3)
-    x = (rng.standard_normal((2, 8, k)) * 0.05).astype(np.float32)
-    x[..., [17, 40, 90]] *= 300.0  # outlier channels
+    plus = 0 if bias is None else bias
     fp32 = run(0)
-    assert np.abs(fp32 - x @ got_w.T).max() <= 1e-5 * np.abs(x @ got_w.T).max()
-    want = x @ exact.T
+    assert np.abs(fp32 - (x @ got_w.T + plus)).max() <= 1e-5 * np.abs(x @ got_w.T + plus).max()
+    want = x @ exact.T + plus
     rel = lambda got: float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()))  # noqa: E731
     packed_exact = q.pack()
-    offsets = rel(_offsets_graph(packed_exact, packed_exact["zero_points_int"], 4).run(None, {"x": x})[0])
+    x3 = x if x.ndim == 3 else x[None]
+    offsets = _offsets_graph(packed_exact, packed_exact["zero_points_int"], 4).run(None, {"x": x3})[0]
+    offsets = rel(offsets.reshape(want.shape) + plus)
     assert rel(run(4)) <= 1.05 * offsets + 1e-4, (rel(run(4)), offsets)
+
+
+def test_folding_keeps_to_fp32_activations():
+    """With fp16 activations (the GPU layouts) a folded spec falls back to the offsets form: the remainders' scale
+    (~1/255 of a block's) would be an fp16 subnormal."""
+    import onnx_ir as ir
+
+    q = _float_zp_blocks(40, 128, 2)
+    q.spec = QuantSpec(4, 32, True)
+    model, use = _lowered_linear(QuantSpec(4, 32, True, folded=True), q.dequantize(), 4, dtype=ir.DataType.FLOAT16)
+    assert not use.spec.folded and "offsets" in use.keys
+    assert [n.op_type for n in model.graph] == ["MatMulNBits", "Reshape", "ReduceSum", "MatMul", "Add"]
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, 32), QuantSpec(8, 16), QuantSpec(4, 32, True)])

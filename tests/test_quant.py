@@ -241,8 +241,8 @@ def test_default_int4_recipe():
 
 
 # ---- re-blocked GGUF 8-bit codes (--quantizer reblock, ONNX int4's default) ------------------------------------
-@pytest.mark.parametrize("gtype,k", [("Q8_0", 256), ("Q5_0", 384), ("Q6_K", 512), ("Q4_K", 256), ("Q4_0", 64),
-                                     ("Q8_0", 96)])
+@pytest.mark.parametrize("gtype,k", [("Q8_0", 256), ("Q5_0", 384), ("Q6_K", 512), ("Q4_K", 256), ("Q4_1", 256),
+                                     ("Q4_0", 64), ("Q8_0", 96)])
 def test_reblocked_gguf_codes_are_within_half_a_step_of_the_file(gtype, k):
     """8-bit codes (Q5_0, Q8_0, Q6_K) move to blocks of 128 where 128 divides the row, unclipped: every weight
     within half an 8-bit step (1/510 of its block's range) of gguf-py's dequantization of the file's bytes
@@ -267,7 +267,7 @@ def test_reblocked_gguf_codes_are_within_half_a_step_of_the_file(gtype, k):
     spec = carried_spec(gtype, reblock=True, row=k)
     q = quantize_from_gguf(gtype, raw, want, spec)
     got = q.dequantize()
-    if GGUF_EXACT[gtype][2].float_zp:  # Q4_K: the file's codes and scales, the zero points folded
+    if GGUF_EXACT[gtype][2].float_zp:  # Q4_K, Q4_1: the file's codes and scales, the zero points folded
         assert spec == dataclasses.replace(GGUF_EXACT[gtype][2], folded=True)
         exact = quantize_from_gguf(gtype, raw, want)  # checked there against the file's values
         np.testing.assert_array_equal(q.codes, exact.codes)

@@ -55,7 +55,7 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
     """
     g = model.graph
     uses: dict[str, WeightUse] = {n: WeightUse(n, WeightKind.PLAIN, [v]) for n, v in g.initializers.items()}
-    folded_inputs: dict[int, ir.Value] = {}
+    folded_inputs: dict[ir.Value, ir.Value] = {}
     for nd in list(g):
         if nd.op_type != "Transpose" or nd.domain != "":
             continue
@@ -71,7 +71,7 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
         gathered = any(u.op_type == "Gather" for u, _ in w.uses())
         n_out, k_in = w.shape[0], w.shape[1]
         spec = quant.get(w.name) if quant else None
-        if spec is not None and spec.folded and (gathered or not _offsets_apply(spec, k_in, consumers)):
+        if spec is not None and spec.folded and (gathered or not _folds(spec, w, k_in, consumers)):
             spec = dataclasses.replace(spec, folded=False)  # a gathered table keeps one layout: the exact one
         if spec is not None and _offsets_apply(spec, k_in, consumers) and not gathered and not spec.folded:
             uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in, accuracy_level)
@@ -158,14 +158,20 @@ def _offsets_apply(spec: QuantSpec, k_in: int, consumers: list[ir.Node]) -> bool
     return spec.float_zp and spec.bits == 4 and k_in % spec.block == 0 and len(ranks) == 1 and ranks <= {2, 3}
 
 
-def _folded_input(g: ir.Graph, mm: ir.Node, block: int, cache: dict[int, ir.Value]) -> ir.Value:
+def _folds(spec: QuantSpec, w: ir.Value, k_in: int, consumers: list[ir.Node]) -> bool:
+    """Folded float zero points (QuantSpec.folded) where they were measured: fp32 activations (in fp16 the
+    remainders' scale, ~1/255 of a block scale, falls among the subnormals) and the inputs the offsets form takes."""
+    return w.dtype == ir.DataType.FLOAT and _offsets_apply(spec, k_in, consumers)
+
+
+def _folded_input(g: ir.Graph, mm: ir.Node, block: int, cache: dict[ir.Value, ir.Value]) -> ir.Value:
     """x (…, K) -> [x, S, S] (…, K + 2·G·block), S the sums of x's blocks of `block` (K/block of them) padded with
     zeros to G·block: the input of a folded MatMulNBits (quant.Quantized._pack_folded: S once against the
     remainders' low digits, once against their high ones). Built once per x and shared by every folded weight that
     reads it (q/k/v, gate/up)."""
     x = mm.inputs[0]
-    if id(x) in cache:
-        return cache[id(x)]
+    if x in cache:
+        return cache[x]
     rank, k = len(x.shape), x.shape[-1]
     nb = k // block
     pad = -(-nb // block) * block - nb
@@ -183,12 +189,12 @@ def _folded_input(g: ir.Graph, mm: ir.Node, block: int, cache: dict[int, ir.Valu
     for n in nodes:
         g.insert_before(mm, n)
     cat.outputs[0].name = f"{tag}/output"
-    cache[id(x)] = cat.outputs[0]
+    cache[x] = cat.outputs[0]
     return cat.outputs[0]
 
 
 def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, WeightUse], accuracy_level: int,
-                    folded_inputs: dict[int, ir.Value]) -> None:
+                    folded_inputs: dict[ir.Value, ir.Value]) -> None:
     """Linears traced as `Gemm(x2d, W, transB=1)` (the MoE block's shared expert works on flattened tokens) become
     MatMulNBits like the MatMul ones; without this a 57B-A14B int4 export kept 23 GB of fp32 shared experts."""
     for nd in [n for n in g if n.op_type == "Gemm" and n.domain == ""]:
@@ -205,7 +211,7 @@ def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, We
             continue  # also gathered (a tied table): stays float
         consumers = [u for u, _ in w.uses()]
         n_out, k_in = w.shape[0], w.shape[1]
-        if spec.folded and not _offsets_apply(spec, k_in, consumers):
+        if spec.folded and not _folds(spec, w, k_in, consumers):
             spec = dataclasses.replace(spec, folded=False)
         if c is None and _offsets_apply(spec, k_in, consumers) and not spec.folded:
             uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in, accuracy_level)
@@ -214,7 +220,7 @@ def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, We
 
 
 def _matmul_nbits(g: ir.Graph, w: ir.Value, consumers: list[ir.Node], spec: QuantSpec, n_out: int, k_in: int,
-                  accuracy_level: int, folded_inputs: dict[int, ir.Value] | None = None) -> WeightUse:
+                  accuracy_level: int, folded_inputs: dict[ir.Value, ir.Value] | None = None) -> WeightUse:
     """Each consumer (`MatMul(x, Wᵀ)` or `Gemm(x, W, transB=1[, bias])`) -> `MatMulNBits(x, W quantized[, bias])`;
     folded float zero points (`QuantSpec.folded`): `MatMulNBits([x, block sums of x], ·)` over the longer rows."""
     shapes = spec.shapes(n_out, k_in)
