@@ -4,9 +4,9 @@
     python bench/make_checkpoint.py --size 1.5b --out /tmp/q15.gguf --dtype q4_k_m
 
 Weights come from qwen2_ref's RandomSource (deterministic per tensor), one shard in memory at a time. `--dtype
-q4_k_m` writes one GGUF file with llama.cpp's Q4_K_M type layout instead (Q4_K, with Q6_K for the tied table and for
-attn_v / ffn_down in llama.cpp's "more bits" layers; random K-quant blocks: for speed, not quality; rows must be
-multiples of 256, as from 1.5B up).
+q4_k_m` writes one GGUF file with llama.cpp's Q4_K_M type layout instead (Q4_K, with Q6_K for the head, tied or
+not, and for attn_v / ffn_down in llama.cpp's "more bits" layers; random K-quant blocks: for speed and size, not
+quality; rows must be multiples of 256, as from 1.5B up).
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ def write_q4_k_m_gguf(cfg, out: Path) -> Path:
     n = cfg.num_hidden_layers
     more = [i for i in range(n) if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2]
     types = {f".{i}.{t}.weight": "Q6_K" for i in more for t in ("attn_v", "ffn_down")}
-    # first match wins (by name suffix): attn_output before the untied head's output
-    types |= {"token_embd.weight": "Q6_K", "attn_output.weight": "Q4_K", "output.weight": "Q6_K", "weight": "Q4_K"}
+    # first match wins (by name suffix): attn_output before the untied head's output; an untied table keeps the
+    # base type (Q4_K), a tied one is the head and gets Q6_K
+    types |= {"token_embd.weight": "Q6_K" if cfg.tie_word_embeddings else "Q4_K", "attn_output.weight": "Q4_K",
+              "output.weight": "Q6_K", "weight": "Q4_K"}
     return write_tiny_gguf(out, cfg, types)
 
 

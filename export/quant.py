@@ -385,6 +385,16 @@ def carried_spec(gtype: str, reblock: bool, row: int) -> QuantSpec:
     return QuantSpec(8, WIDE_BLOCK, source=gtype) if reblock and spec.bits == 8 and row % WIDE_BLOCK == 0 else spec
 
 
+def gathered_spec(spec: QuantSpec, row: int) -> QuantSpec:
+    """The form of a table that is also gathered (an embedding, or a head tied to it): `GatherBlockQuantized` takes
+    uint8 zero points only, so a folded spec (float zero points under `reblock`) travels as 8-bit codes on blocks of
+    WIDE_BLOCK, each weight within 1/510 of its block's range as the recipe's other wide tensors, where that divides
+    the row; otherwise, and for every other spec, as it is."""
+    if not spec.folded:
+        return spec
+    return QuantSpec(8, WIDE_BLOCK, source=spec.source) if row % WIDE_BLOCK == 0 else dataclasses.replace(spec, folded=False)
+
+
 def _f16(raw: np.ndarray, at: int) -> np.ndarray:
     return raw[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
 

@@ -354,6 +354,60 @@ def test_folded_zero_points_export_computes_its_reference():
         assert int8[None] <= 1.1 * int8["exact"] + 1e-3, int8
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_float_zero_point_table_is_gathered_as_8bit_codes(tied):
+    """A Q4_K embedding table (tied to the head or not; an untied Qwen2 Q4_K_M file from 7B up has one) under the
+    default int4 recipe: GatherBlockQuantized takes integer zero points only, so the table travels as 8-bit codes on
+    blocks of 128, each value within half a step (1/510 of its block's range) of gguf-py's dequantization of the
+    file, gathered (and, tied, read by the head) from that one copy; the export computes exactly those weights with
+    fp32 activations, prefill and decode. (`exact` keeps the float table: 4 bytes a weight.)"""
+    import tempfile
+    from pathlib import Path
+
+    import gguf
+    import onnx
+
+    from export.onnx import dequantized_reference, export_onnx
+    from export.onnx.verify import read_dequantized
+    from export.tolerances import TINY, Tolerance
+    from qwen2_ref.checkpoint import open_checkpoint
+
+    from .conftest import onnx_parity
+    from .damaged import write_tiny_gguf
+
+    cfg = from_name("tiny").replace(hidden_size=256, intermediate_size=256, tie_word_embeddings=tied)
+    with tempfile.TemporaryDirectory() as d:
+        path = write_tiny_gguf(Path(d) / "t.gguf", cfg, {"token_embd.weight": "Q4_K", "output.weight": "Q6_K"})
+        ckpt = open_checkpoint(path)
+        out = Path(d) / "out"
+        report = export_onnx(ckpt, make_plan("onnx", ckpt, dtype="int4", out=out, verify=False))
+        table = report["quantized"]["model.embed_tokens.weight"]
+        assert (table["from"], table["bits"], table["block"]) == ("Q4_K", 8, 128), table
+        model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops
+        assert not any(t.name == "model.embed_tokens.weight" for t in model.graph.initializer)  # no float copy
+        raw = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+        want = gguf.quants.dequantize(raw.data, raw.tensor_type).reshape(cfg.vocab_size, cfg.hidden_size)
+        got = read_dequantized(out, report, cfg)["model.embed_tokens.weight"]
+        blocks = want.reshape(cfg.vocab_size, -1, 128)
+        span = np.maximum(blocks.max(-1), 0) - np.minimum(blocks.min(-1), 0)
+        err = np.abs(got - want).reshape(cfg.vocab_size, -1, 128)
+        assert (err <= span[..., None] / 510 * (1 + 3e-4) + 1e-7).all() and err.max() > 0
+        for n in model.graph.node:  # with fp32 activations the export computes its written weights
+            for a in n.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+        onnx.save(model, str(out / "model.onnx"))
+        written = dequantized_reference(ckpt, report, out)
+        prompts = [[5, 9, 200, 31, 77, 12], [8, 1, 3]]
+        with torch.no_grad():  # fp32 rounding scales with the logits (large from these random K-quant blocks)
+            scale = max(float(written(torch.tensor([ids]))[0].abs().max()) for ids in prompts)
+        fp32 = Tolerance(TINY["fp32"].max_abs_logits * max(1.0, scale / 10), 1.0)
+        r = onnx_parity(out, written, prompts, 4, fp32)
+        assert r.max_abs_logits <= fp32.max_abs_logits, (r, scale)
+
+
 @pytest.mark.parametrize("quantizer", [None, "head"])
 def test_reblock_export_computes_its_reference(quantizer):
     """The default int4 ONNX export of a GGUF (tied table Q8_0: the head and the gathered embedding share 8-bit

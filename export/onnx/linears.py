@@ -14,7 +14,7 @@ from enum import Enum
 import numpy as np
 import onnx_ir as ir
 
-from ..quant import QuantSpec, folded_blocks
+from ..quant import QuantSpec, folded_blocks, gathered_spec
 from .irutil import MS_DOMAIN, initializer, node, replace
 
 # MatMulNBits with int8-quantized activations (ORT's fast CPU path), as onnxruntime-genai's CPU int4 uses.
@@ -71,8 +71,10 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
         gathered = any(u.op_type == "Gather" for u, _ in w.uses())
         n_out, k_in = w.shape[0], w.shape[1]
         spec = quant.get(w.name) if quant else None
-        if spec is not None and spec.folded and (gathered or not _folds(spec, w, k_in, consumers)):
-            spec = dataclasses.replace(spec, folded=False)  # a gathered table keeps one layout: the exact one
+        if spec is not None and gathered:
+            spec = gathered_spec(spec, k_in)  # one layout for the head and the gather
+        if spec is not None and spec.folded and not _folds(spec, w, k_in, consumers):
+            spec = dataclasses.replace(spec, folded=False)
         if spec is not None and _offsets_apply(spec, k_in, consumers) and not gathered and not spec.folded:
             uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in, accuracy_level)
         elif spec is not None:
@@ -101,6 +103,8 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
         g.sort()  # a shared folded input was built before the first consumer lowered, not the first in the graph
     emb = g.initializers.get("model.embed_tokens.weight")
     spec = quant.get("model.embed_tokens.weight") if quant else None
+    if emb is not None and spec is not None:
+        spec = gathered_spec(spec, emb.shape[1])
     if emb is not None and spec is not None and uses["model.embed_tokens.weight"].kind is WeightKind.PLAIN \
             and not spec.float_zp:
         v, h = emb.shape[0], emb.shape[1]

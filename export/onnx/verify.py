@@ -144,6 +144,8 @@ def _dequantize_nbits(arr: dict[str, np.ndarray], bits: int, block: int, folded:
     zp = arr.get("zero_points_int", arr.get("zero_points"))
     if zp is None:
         z = np.full((n, nb), half, dtype=np.float32)
+    elif zp.dtype.kind == "f":  # float zero points as stored (a tied float-zero-point table: the head reads them)
+        z = zp.reshape(n, nb).astype(np.float32)
     elif bits == 4:
         z = np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
     else:
