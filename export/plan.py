@@ -31,13 +31,15 @@ QUANTIZERS = {"calibrated": "calibrated", "exact": "gguf-exact", "head": "head",
 CALIBRATED_RECIPES = ("calibrated", "head", "mixed")  # the recipes that run the model on a calibration text
 CHOOSING_RECIPES = ("head", "mixed")  # 4-bit or wide per group, by measured sensitivity (--max-kl)
 # ONNX only, and each writes a GGUF's 8-bit codes (Q5_0, Q8_0, Q6_K) on blocks of 128 instead of the file's 32 or
-# 16 (quant.carried_spec): reblock, and the recipes that choose between 4-bit and those codes (calibrated keeps a
-# GGUF's blocks exactly where it keeps them, as on Core ML)
+# 16 and folds its float zero points (Q4_K, Q4_1) into their matmuls (quant.carried_spec; a gathered Q4_K table
+# as 8-bit codes, quant.gathered_spec): reblock, and the recipes that choose between 4-bit and those codes
+# (calibrated keeps a GGUF's blocks exactly where it keeps them, as on Core ML)
 REBLOCKING_RECIPES = ("gguf-reblock",) + CHOOSING_RECIPES
-# ONNX int4's default from a GGUF, reblock: its 4-bit blocks as they are, its 5/6/8-bit ones as 8-bit codes on
-# blocks of 128, which ORT's CPU kernel runs ~1.3x faster than the file's 32 or 16. On the real 0.5B GGUF (README,
-# AMD EPYC, 2026-12-07): perplexity +0.10% over fp32 (exact +0.21%), export 25 s / 1.6 GiB, decode and prefill
-# ahead of exact (README table). head (a 4-bit LM head by GPTQ) measured no faster once the rest was re-blocked,
+# ONNX int4's default from a GGUF, reblock: its 4-bit codes as they are (Q4_K's float zero points folded into the
+# same matmul), its 5/6/8-bit ones as 8-bit codes on blocks of 128, which ORT's CPU kernel runs ~1.3x faster than
+# the file's 32 or 16. On the real 0.5B GGUF (README, AMD EPYC, 2026-12-07): perplexity +0.40% over fp32 (exact
+# +0.21%; the difference is int8-activation rounding noise, README), export 23 s / 1.6 GiB, decode and prefill
+# ahead of exact (README tables). head (a 4-bit LM head by GPTQ) measured no faster once the rest was re-blocked,
 # and less exact; mixed needs the fp32 model in memory. exact where it does not apply (`_default_quantizer`).
 DEFAULT_QUANTIZER = "reblock"
 DEFAULTS = {  # the target's own defaults, where neither a flag nor a profile says

@@ -11,7 +11,8 @@ Two ways in:
   range: the same kernel runs them ~1.3x faster than on llama.cpp's blocks of 32 or 16 (rows of a multiple of 128
   weights: every Qwen2 size's); the float zero points of Q4_K / Q4_1 folded into the matmul (`QuantSpec.folded`:
   integer zero points, the remainder as 8-bit codes on extra input columns that carry the input's block sums),
-  each weight off by at most 1/510 of its group's remainder range, with no extra node per weight.
+  each weight off by at most 1/510 of its group's remainder range, with no extra node per weight; a gathered
+  Q4_K table (`gathered_spec`) as 8-bit codes on blocks of 128, since GatherBlockQuantized takes integer zero points.
 """
 
 from __future__ import annotations

@@ -360,7 +360,8 @@ def test_float_zero_point_table_is_gathered_as_8bit_codes(tied):
     default int4 recipe: GatherBlockQuantized takes integer zero points only, so the table travels as 8-bit codes on
     blocks of 128, each value within half a step (1/510 of its block's range) of gguf-py's dequantization of the
     file, gathered (and, tied, read by the head) from that one copy; the export computes exactly those weights with
-    fp32 activations, prefill and decode. (`exact` keeps the float table: 4 bytes a weight.)"""
+    fp32 activations, prefill and decode. `exact` keeps the float table for the gather, and a tied head reads the
+    file's blocks with their float zero points, which read back as the file's values."""
     import tempfile
     from pathlib import Path
 
@@ -406,6 +407,13 @@ def test_float_zero_point_table_is_gathered_as_8bit_codes(tied):
         fp32 = Tolerance(TINY["fp32"].max_abs_logits * max(1.0, scale / 10), 1.0)
         r = onnx_parity(out, written, prompts, 4, fp32)
         assert r.max_abs_logits <= fp32.max_abs_logits, (r, scale)
+        if tied:
+            out = Path(d) / "exact"
+            report = export_onnx(ckpt, make_plan("onnx", ckpt, dtype="int4", out=out, verify=False, quantizer="exact"))
+            table = report["quantized"]["model.embed_tokens.weight"]
+            assert (table["from"], table["bits"], table["block"]) == ("Q4_K", 4, 32), table
+            got = read_dequantized(out, report, cfg)["model.embed_tokens.weight"]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("quantizer", [None, "head"])
