@@ -459,8 +459,9 @@ def quantize_reblocked(w: torch.Tensor, spec: QuantSpec) -> Quantized:
 
 def quantize_from_gguf(gtype: str, raw: np.ndarray, w: np.ndarray, spec: QuantSpec | None = None) -> Quantized:
     """Carry a GGUF tensor's blocks over: codes recovered from the dequantized values `w` (rows, K) and the block
-    parameters read from `raw`; checked to reproduce `w`. A `spec` other than the exact one is `carried_spec`'s
-    re-blocked 8-bit (`quantize_reblocked`)."""
+    parameters read from `raw`; checked to reproduce `w`. A folded spec (`carried_spec` under `reblock`, float zero
+    points) carries the same blocks and says how they are stored; any other spec than the exact one is re-blocked
+    8-bit (`quantize_reblocked`)."""
     folded = spec is not None and spec.folded
     if spec is not None and not folded and spec != GGUF_EXACT[gtype][2]:
         return quantize_reblocked(torch.from_numpy(w), spec)
