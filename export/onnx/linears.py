@@ -73,8 +73,8 @@ def lower_linears(model: ir.Model, quant: dict[str, QuantSpec] | None, accuracy_
         spec = quant.get(w.name) if quant else None
         if spec is not None and gathered:
             spec = gathered_spec(spec, k_in)  # one layout for the head and the gather
-        if spec is not None and spec.folded and not _folds(spec, w, k_in, consumers):
-            spec = dataclasses.replace(spec, folded=False)
+        if spec is not None:
+            spec = _foldable(spec, w, k_in, consumers)
         if spec is not None and _offsets_apply(spec, k_in, consumers) and not gathered and not spec.folded:
             uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in, accuracy_level)
         elif spec is not None:
@@ -162,10 +162,13 @@ def _offsets_apply(spec: QuantSpec, k_in: int, consumers: list[ir.Node]) -> bool
     return spec.float_zp and spec.bits == 4 and k_in % spec.block == 0 and len(ranks) == 1 and ranks <= {2, 3}
 
 
-def _folds(spec: QuantSpec, w: ir.Value, k_in: int, consumers: list[ir.Node]) -> bool:
-    """Folded float zero points (QuantSpec.folded) where they were measured: fp32 activations (in fp16 the
-    remainders' scale, ~1/255 of a block scale, falls among the subnormals) and the inputs the offsets form takes."""
-    return w.dtype == ir.DataType.FLOAT and _offsets_apply(spec, k_in, consumers)
+def _foldable(spec: QuantSpec, w: ir.Value, k_in: int, consumers: list[ir.Node]) -> QuantSpec:
+    """`spec`, unfolded unless folding (QuantSpec.folded) applies where it was measured: fp32 activations (in fp16
+    the remainders' scale, ~1/255 of a block scale, falls among the subnormals) and the inputs the offsets form
+    takes."""
+    if spec.folded and not (w.dtype == ir.DataType.FLOAT and _offsets_apply(spec, k_in, consumers)):
+        return dataclasses.replace(spec, folded=False)
+    return spec
 
 
 def _folded_input(g: ir.Graph, mm: ir.Node, block: int, cache: dict[ir.Value, ir.Value]) -> ir.Value:
@@ -215,8 +218,7 @@ def _quantize_gemms(g: ir.Graph, quant: dict[str, QuantSpec], uses: dict[str, We
             continue  # also gathered (a tied table): stays float
         consumers = [u for u, _ in w.uses()]
         n_out, k_in = w.shape[0], w.shape[1]
-        if spec.folded and not _folds(spec, w, k_in, consumers):
-            spec = dataclasses.replace(spec, folded=False)
+        spec = _foldable(spec, w, k_in, consumers)
         if c is None and _offsets_apply(spec, k_in, consumers) and not spec.folded:
             uses[w.name] = _matmul_nbits_with_offsets(g, w, consumers, spec, n_out, k_in, accuracy_level)
         else:
