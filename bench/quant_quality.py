@@ -9,6 +9,10 @@ measured on the first 1000 tokens of CPython 3.11's heapq.py (export/evaluate.py
 Recipes: rtn = round-to-nearest with a per-block clipping search (the old --requantize); weighted = the same
 search weighting each column's error by its calibration inputs' mean square; gptq = GPTQ, gptqa = GPTQ with act-order
 (static blocks), gptqm = GPTQ with each block's range its min and max (no clipping search); the number is the block.
+`--rotate hadamard|random` first rotates the residual stream (QuaRot, Ashkboos et al. 2024: RMSNorm weights folded
+into the linears that read them, then every weight that reads the residual stream multiplied by an orthogonal Q on
+its input side and every one that writes it by Qᵀ on its output side, the embedding by Q; the fp32 model computes the
+same function, to rounding), which spreads outlier channels over whole blocks before the recipes quantize.
 """
 
 from __future__ import annotations
@@ -31,6 +35,41 @@ from qwen2_ref.checkpoint import open_checkpoint  # noqa: E402
 from qwen2_ref.hub import fetch_real_model  # noqa: E402
 
 
+def rotate_residual(model, kind: str, seed: int = 0) -> None:
+    """Rotate the residual stream in place (the model's function unchanged): RMSNorm weights folded into the
+    linears after them, readers W -> W·Q, writers W -> Qᵀ·W, embedding E -> E·Q. `hadamard`: random signs times a
+    block-diagonal Walsh-Hadamard matrix (blocks of the largest power of two dividing the width); `random`: a
+    random orthogonal matrix."""
+    emb = model.model.embed_tokens.weight
+    d = emb.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        rot = q * torch.sign(torch.diagonal(r))
+    else:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < (d & -d):
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        signs = torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0).double()
+        rot = signs[:, None] * torch.block_diag(*[h / h.shape[0] ** 0.5] * (d // h.shape[0]))
+    if model.lm_head.weight is emb:  # tied: the head gets the final norm folded in, the table does not
+        model.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
+    p = dict(model.named_parameters())
+    with torch.no_grad():
+        def fold(norm: str, readers: list[str]) -> None:
+            for r in readers:
+                p[r].copy_((p[r].double() * p[norm].double()[None, :] @ rot).float())
+            p[norm].fill_(1.0)
+        for i in range(len(model.model.layers)):
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            fold(f"model.layers.{i}.input_layernorm.weight", [a + x + "_proj.weight" for x in "qkv"])
+            fold(f"model.layers.{i}.post_attention_layernorm.weight", [m + "gate_proj.weight", m + "up_proj.weight"])
+            for w in (a + "o_proj.weight", m + "down_proj.weight"):
+                p[w].copy_((rot.T @ p[w].double()).float())
+        fold("model.norm.weight", ["lm_head.weight"])
+        emb.copy_((emb.double() @ rot).float())
+
+
 def recipe_fn(recipe: str):
     method, block = recipe.rstrip("0123456789"), int(recipe[len(recipe.rstrip("0123456789")):])
     spec = quant.QuantSpec(4, block)
@@ -50,18 +89,24 @@ def recipe_fn(recipe: str):
 @click.option("--skip", default="", help="comma-separated name fragments kept in fp32 (e.g. lm_head)")
 @click.option("--ablate", default="", help="after each recipe, also the perplexity with each of these ;-separated "
               "groups of name fragments kept in fp32 (e.g. 'lm_head;down_proj;q_proj,k_proj,v_proj')")
-def main(recipes, tokens, calibration_tokens, skip, ablate):
+@click.option("--rotate", type=click.Choice(["none", "hadamard", "random"]), default="none",
+              help="rotate the residual stream first (QuaRot-style; above)")
+def main(recipes, tokens, calibration_tokens, skip, ablate, rotate):
     torch.set_num_threads(2)
     ck = open_checkpoint(fetch_real_model())
     tok = ck.tokenizer()
     eval_ids = tok.encode(fixed_text())[:tokens]
     cal_ids = calibration_ids(tok, tokens=calibration_tokens)
     model = ck.load_model(progress=False)
+    if rotate != "none":
+        if getattr(model.model.layers[0], "mlp", None) is None or not hasattr(model.model.layers[0].mlp, "down_proj"):
+            raise click.UsageError("--rotate handles dense Qwen2 layers only")
+        rotate_residual(model, rotate)
     fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = {n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n
              and not any(s and s in n for s in skip.split(","))}
     base = perplexity(reference_step(model), eval_ids)
-    print(f"fp32 perplexity {base:.4f} ({len(eval_ids)} tokens of heapq.py); calibration {len(cal_ids)} tokens",
+    print(f"fp32 perplexity {base:.4f} ({len(eval_ids)} tokens of heapq.py{', rotated: ' + rotate if rotate != 'none' else ''}); calibration {len(cal_ids)} tokens",
           flush=True)
     print("| recipe | perplexity | vs fp32 | quantize s |\n|---|---|---|---|", flush=True)
     for recipe in recipes.split(","):

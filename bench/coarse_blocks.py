@@ -1,0 +1,96 @@
+"""What a coarser 4-bit layout would buy: copy an int4 export with every `MatMulNBits` weight (whatever its bits,
+block or folding) re-quantized to 4-bit blocks of `--block`, round-to-nearest with the per-block clipping search
+(`export.quant.quantize_rtn`) from the values the export stands for. ORT's CPU kernel runs 4-bit blocks of 128
+fastest (`bench/matmulnbits.py`), so `--block 128` is the decode speed no layout of ours can beat; time the copy
+with `bench/op_profile.py` or `bench/decode.py` beside the original and a peer, and measure its perplexity. A
+benchmark tool: the copy is a what-if for measurement, not an export to ship (its report still describes the
+source; the gathered embedding table is left as it was).
+
+    python bench/coarse_blocks.py exports/qwen2-0.5b-int4 /tmp/what-if-128 [--block 128] [--only lm_head]
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export.onnx.verify import _dequantize_nbits  # noqa: E402
+from export.quant import QuantSpec, folded_blocks, quantize_rtn  # noqa: E402
+
+
+@click.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--block", default=128, show_default=True, type=click.Choice(["32", "64", "128", "256"]))
+@click.option("--only", default="", help="Re-quantize only the MatMulNBits whose node name contains this "
+              "(e.g. lm_head, mlp.down_proj); default: all.")
+def main(src: Path, dst: Path, block: str, only: str):
+    import onnx
+    from onnx import numpy_helper
+
+    if dst.exists():
+        raise click.UsageError(f"{dst} exists; choose a new folder")
+    spec = QuantSpec(4, int(block))
+    m = onnx.load(str(src / "model.onnx"))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    nodes = [n for n in g.node if n.op_type == "MatMulNBits" and only in n.name]
+    if not nodes:
+        raise click.UsageError(f"{src / 'model.onnx'}: no MatMulNBits node{' named *' + only + '*' if only else ''}")
+    for i, nd in enumerate(nodes, 1):
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in nd.attribute}
+        arr = {f"q{a['bits']}": numpy_helper.to_array(inits[nd.input[1]]),
+               "scales": numpy_helper.to_array(inits[nd.input[2]])}
+        if len(nd.input) > 3 and nd.input[3]:
+            arr["zero_points"] = numpy_helper.to_array(inits[nd.input[3]])
+        if nd.input[0].endswith("/folded/output"):  # a folded float-zero-point weight: back to its own input and K
+            x = producer[nd.input[0]].input[0]
+            nb = a["K"] // a["block_size"]
+            k = next(m for m in range(nb, -1, -1) if folded_blocks(m, a["block_size"]) == nb) * a["block_size"]
+            w = _dequantize_nbits(arr, a["bits"], a["block_size"], folded=True)[:, :k]
+            nd.input[0] = x
+        else:
+            k = a["K"]
+            w = _dequantize_nbits(arr, a["bits"], a["block_size"])[:, :k]
+        packed = quantize_rtn(torch.from_numpy(np.ascontiguousarray(w)), spec).pack()
+        for j, key in ((1, "B"), (2, "scales"), (3, "zero_points")):
+            name = nd.input[1].rsplit(".", 1)[0] + f".coarse.{key}"
+            g.initializer.append(numpy_helper.from_array(packed[key], name))
+            if j < len(nd.input):
+                nd.input[j] = name
+            else:
+                nd.input.append(name)
+        for x in nd.attribute:
+            x.i = {"K": k, "bits": 4, "block_size": spec.block}.get(x.name, x.i)
+        print(f"\r{i}/{len(nodes)} MatMulNBits re-quantized to 4/{block}", end="" if i < len(nodes) else "\n",
+              flush=True)
+    outputs = {o.name for o in g.output}
+    while True:  # the folded inputs' block sums, now read by nothing
+        used = {v for n in g.node for v in n.input} | outputs
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data"))
+    onnx.save(m, str(tmp / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    tmp.rename(dst)
+    print(f"wrote {dst} ({sum(f.stat().st_size for f in dst.iterdir()) / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
