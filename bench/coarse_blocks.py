@@ -1,10 +1,11 @@
 """What a coarser 4-bit layout would buy: copy an int4 export with every `MatMulNBits` weight (whatever its bits,
 block or folding) re-quantized to 4-bit blocks of `--block`, round-to-nearest with the per-block clipping search
-(`export.quant.quantize_rtn`) from the values the export stands for. ORT's CPU kernel runs 4-bit blocks of 128
-fastest (`bench/matmulnbits.py`), so `--block 128` is the decode speed no layout of ours can beat; time the copy
-with `bench/op_profile.py` or `bench/decode.py` beside the original and a peer, and measure its perplexity. A
-benchmark tool: the copy is a what-if for measurement, not an export to ship (its report still describes the
-source; the gathered embedding table is left as it was).
+(`export.quant.quantize_rtn`) from the values the export stands for. ORT's CPU kernel runs 4-bit blocks of 128 and
+longer fastest (`bench/matmulnbits.py`; in the whole 0.5B 128 and 256 tie), so `--block 128` shows the decode speed
+the kernel allows; time the copy with `bench/op_profile.py` or `bench/decode.py` beside the original and a peer,
+and measure its perplexity. A benchmark tool: the copy is a what-if for measurement, not an export to ship (its
+report still describes the source; the gathered embedding table is left as it was; exports whose Q4_K weights use
+the offsets form, `--quantizer exact`, are refused).
 
     python bench/coarse_blocks.py exports/qwen2-0.5b-int4 /tmp/what-if-128 [--block 128] [--only lm_head]
 """
@@ -46,25 +47,34 @@ def main(src: Path, dst: Path, block: str, only: str):
     nodes = [n for n in g.node if n.op_type == "MatMulNBits" and only in n.name]
     if not nodes:
         raise click.UsageError(f"{src / 'model.onnx'}: no MatMulNBits node{' named *' + only + '*' if only else ''}")
+    done: dict[str, tuple[int, list[str]]] = {}  # source B -> (K, new initializer names): a weight read twice
     for i, nd in enumerate(nodes, 1):
         a = {x.name: onnx.helper.get_attribute_value(x) for x in nd.attribute}
-        arr = {f"q{a['bits']}": numpy_helper.to_array(inits[nd.input[1]]),
-               "scales": numpy_helper.to_array(inits[nd.input[2]])}
-        if len(nd.input) > 3 and nd.input[3]:
-            arr["zero_points"] = numpy_helper.to_array(inits[nd.input[3]])
-        if nd.input[0].endswith("/folded/output"):  # a folded float-zero-point weight: back to its own input and K
-            x = producer[nd.input[0]].input[0]
+        folded = nd.input[0].endswith("/folded/output")
+        if folded:  # a folded float-zero-point weight: back to its own input (and K, below)
+            nd.input[0] = producer[nd.input[0]].input[0]
+        if nd.input[1] not in done:
+            if len(nd.input) > 3 and nd.input[3].endswith(".zero_points_int"):
+                raise click.UsageError(f"{src / 'model.onnx'}: {nd.name} is in the offsets form (float zero points "
+                                       "plus a separate offsets matmul); export with the default quantizer")
+            arr = {f"q{a['bits']}": numpy_helper.to_array(inits[nd.input[1]])}
+            scales = numpy_helper.to_array(inits[nd.input[2]])
+            arr["scales"] = scales
+            if len(nd.input) > 3 and nd.input[3]:
+                arr["zero_points"] = numpy_helper.to_array(inits[nd.input[3]])
             nb = a["K"] // a["block_size"]
-            k = next(m for m in range(nb, -1, -1) if folded_blocks(m, a["block_size"]) == nb) * a["block_size"]
-            w = _dequantize_nbits(arr, a["bits"], a["block_size"], folded=True)[:, :k]
-            nd.input[0] = x
-        else:
-            k = a["K"]
-            w = _dequantize_nbits(arr, a["bits"], a["block_size"])[:, :k]
-        packed = quantize_rtn(torch.from_numpy(np.ascontiguousarray(w)), spec).pack()
-        for j, key in ((1, "B"), (2, "scales"), (3, "zero_points")):
-            name = nd.input[1].rsplit(".", 1)[0] + f".coarse.{key}"
-            g.initializer.append(numpy_helper.from_array(packed[key], name))
+            k = next(m for m in range(nb, -1, -1) if folded_blocks(m, a["block_size"]) == nb) * a["block_size"] \
+                if folded else a["K"]
+            w = _dequantize_nbits(arr, a["bits"], a["block_size"], folded=folded)[:, :k]
+            packed = quantize_rtn(torch.from_numpy(np.ascontiguousarray(w)), spec).pack()
+            packed["scales"] = packed["scales"].astype(scales.dtype)  # fp16 exports keep fp16 scales
+            names = []
+            for key in ("B", "scales", "zero_points"):
+                names.append(nd.input[1].rsplit(".", 1)[0] + f".coarse.{key}")
+                g.initializer.append(numpy_helper.from_array(packed[key], names[-1]))
+            done[nd.input[1]] = (k, names)
+        k, names = done[nd.input[1]]
+        for j, name in enumerate(names, 1):
             if j < len(nd.input):
                 nd.input[j] = name
             else:

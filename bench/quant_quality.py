@@ -106,8 +106,9 @@ def main(recipes, tokens, calibration_tokens, skip, ablate, rotate):
     names = {n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n
              and not any(s and s in n for s in skip.split(","))}
     base = perplexity(reference_step(model), eval_ids)
-    print(f"fp32 perplexity {base:.4f} ({len(eval_ids)} tokens of heapq.py{', rotated: ' + rotate if rotate != 'none' else ''}); calibration {len(cal_ids)} tokens",
-          flush=True)
+    rotated = f", rotated: {rotate}" if rotate != "none" else ""
+    print(f"fp32 perplexity {base:.4f} ({len(eval_ids)} tokens of heapq.py{rotated}); calibration {len(cal_ids)} "
+          "tokens", flush=True)
     print("| recipe | perplexity | vs fp32 | quantize s |\n|---|---|---|---|", flush=True)
     for recipe in recipes.split(","):
         t0 = time.perf_counter()
