@@ -4,8 +4,8 @@ block or folding) re-quantized to 4-bit blocks of `--block`, round-to-nearest wi
 longer fastest (`bench/matmulnbits.py`; in the whole 0.5B 128 and 256 tie), so `--block 128` shows the decode speed
 the kernel allows; time the copy with `bench/op_profile.py` or `bench/decode.py` beside the original and a peer,
 and measure its perplexity. A benchmark tool: the copy is a what-if for measurement, not an export to ship (its
-report still describes the source; the gathered embedding table is left as it was; exports whose Q4_K weights use
-the offsets form, `--quantizer exact`, are refused).
+report still describes the source; the gathered embedding table is left as it was). Exports whose Q4_K/Q4_1
+weights are in the offsets form (`--quantizer exact`, or any fp16/bf16 export of a GGUF) are refused.
 
     python bench/coarse_blocks.py exports/qwen2-0.5b-int4 /tmp/what-if-128 [--block 128] [--only lm_head]
 """
@@ -56,7 +56,8 @@ def main(src: Path, dst: Path, block: str, only: str):
         if nd.input[1] not in done:
             if len(nd.input) > 3 and nd.input[3].endswith(".zero_points_int"):
                 raise click.UsageError(f"{src / 'model.onnx'}: {nd.name} is in the offsets form (float zero points "
-                                       "plus a separate offsets matmul); export with the default quantizer")
+                                       "plus a separate offsets matmul); re-export with fp32 activations and the "
+                                       "default quantizer (reblock), or --quantizer rtn")
             arr = {f"q{a['bits']}": numpy_helper.to_array(inits[nd.input[1]])}
             scales = numpy_helper.to_array(inits[nd.input[2]])
             arr["scales"] = scales
