@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.onnx.verify import _dequantize_nbits  # noqa: E402
-from export.quant import QuantSpec, folded_blocks, quantize_rtn  # noqa: E402
+from export.quant import QuantSpec, quantize_rtn, unfolded_blocks  # noqa: E402
 
 
 @click.command()
@@ -63,9 +63,7 @@ def main(src: Path, dst: Path, block: str, only: str):
             arr["scales"] = scales
             if len(nd.input) > 3 and nd.input[3]:
                 arr["zero_points"] = numpy_helper.to_array(inits[nd.input[3]])
-            nb = a["K"] // a["block_size"]
-            k = next(m for m in range(nb, -1, -1) if folded_blocks(m, a["block_size"]) == nb) * a["block_size"] \
-                if folded else a["K"]
+            k = unfolded_blocks(a["K"] // a["block_size"], a["block_size"]) * a["block_size"] if folded else a["K"]
             w = _dequantize_nbits(arr, a["bits"], a["block_size"], folded=folded)[:, :k]
             packed = quantize_rtn(torch.from_numpy(np.ascontiguousarray(w)), spec).pack()
             packed["scales"] = packed["scales"].astype(scales.dtype)  # fp16 exports keep fp16 scales

@@ -136,6 +136,11 @@ def folded_blocks(nb: int, block: int) -> int:
     return nb + 2 * -(-nb // block)
 
 
+def unfolded_blocks(nb: int, block: int) -> int:
+    """The weight's own blocks in a folded row of nb blocks: folded_blocks' inverse."""
+    return next(m for m in range(nb, -1, -1) if folded_blocks(m, block) == nb)
+
+
 def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
     """(N, nb) uint8 zero points as MatMulNBits stores them: 8-bit ones as they are, 4-bit ones two to a byte (low
     nibble first, each row padded to whole bytes with 8)."""

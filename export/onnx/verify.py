@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from ..gate import Step
-from ..quant import folded_blocks
+from ..quant import unfolded_blocks
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -152,7 +152,7 @@ def _dequantize_nbits(arr: dict[str, np.ndarray], bits: int, block: int, folded:
         z = zp.reshape(n, nb).astype(np.float32)
     w = (codes - z[..., None]) * scales[..., None]
     if folded:
-        main = next(m for m in range(nb, -1, -1) if folded_blocks(m, block) == nb)
+        main = unfolded_blocks(nb, block)
         g = (nb - main) // 2
         rest = w[:, main:main + g] + w[:, main + g:]  # σ·(c_lo − Z_lo) + 16·σ·(c_hi − Z_hi), per group
         w = w[:, :main] + rest.reshape(n, -1)[:, :main, None]
