@@ -77,7 +77,7 @@ class Group:
 
 
 def _bytes(spec: QuantSpec, n: int, k: int) -> int:
-    return sum(math.prod(s) * (1 if name == "B" or (name == "zero_points" and (spec.folded or not spec.float_zp)) else 4)
+    return sum(math.prod(s) * (1 if name == "B" or (name == "zero_points" and not spec.stores_float_zp) else 4)
                for name, s in spec.shapes(n, k).items())
 
 

@@ -34,11 +34,16 @@ class QuantSpec:
     # in extra columns of the same MatMulNBits, whose input gets the block sums appended (`Quantized.folded`)
     folded: bool = False
 
+    @property
+    def stores_float_zp(self) -> bool:
+        """The MatMulNBits zero points are floats (the scales' type), not packed uint8: float zero points not folded."""
+        return self.float_zp and not self.folded
+
     def shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
         nb = -(-k // self.block)
         if self.folded:
             nb = folded_blocks(nb, self.block)
-        zp = (n * nb,) if ((self.float_zp and not self.folded) or self.bits == 8) else (n * -(-nb // 2),)
+        zp = (n * nb,) if (self.stores_float_zp or self.bits == 8) else (n * -(-nb // 2),)
         return {"B": (n, nb, self.block * self.bits // 8), "scales": (n * nb,), "zero_points": zp}
 
 

@@ -230,7 +230,7 @@ def _matmul_nbits(g: ir.Graph, w: ir.Value, consumers: list[ir.Node], spec: Quan
     """Each consumer (`MatMul(x, Wᵀ)` or `Gemm(x, W, transB=1[, bias])`) -> `MatMulNBits(x, W quantized[, bias])`;
     folded float zero points (`QuantSpec.folded`): `MatMulNBits([x, block sums of x], ·)` over the longer rows."""
     shapes = spec.shapes(n_out, k_in)
-    zdt = w.dtype if spec.float_zp and not spec.folded else ir.DataType.UINT8
+    zdt = w.dtype if spec.stores_float_zp else ir.DataType.UINT8
     k = folded_blocks(k_in // spec.block, spec.block) * spec.block if spec.folded else k_in
     b = initializer(f"{w.name}.q{spec.bits}", ir.DataType.UINT8, shapes["B"])
     sc = initializer(f"{w.name}.scales", w.dtype, shapes["scales"])
